@@ -1,0 +1,155 @@
+"""UNITER (Chen et al., ECCV 2020): one single-stream transformer over words and image regions.
+
+Text embedder: word + position + type(0) -> LN -> dropout. Image embedder: LN(Linear(feature))
++ LN(Linear(7-d box)) + type(1) -> LN -> dropout, where a masked region has its feature zeroed and
+a learned mask vector added. The type table is shared by both. Text and regions are packed with
+no padding between them (vlframe.modules.packing), run through the post-LN encoder, split back;
+the pooler is tanh(Linear(h[CLS])).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlframe.data.batch import VLBatch
+from vlframe.modules.packing import make_packing, pack, unpack
+from vlframe.modules.transformer import TransformerEncoder, init_bert_weights
+from vlframe.registry import MODELS
+
+
+@dataclass
+class EncoderOutput:
+    text: torch.Tensor  # [B, T, H] contextualised text states at input positions
+    text_mask: torch.Tensor  # [B, T] bool
+    regions: torch.Tensor  # [B, K, H]
+    region_mask: torch.Tensor  # [B, K] bool
+    sequence: torch.Tensor  # [B, L, H] packed joint sequence: text, regions, padding
+    sequence_mask: torch.Tensor  # [B, L] bool
+    pooled: torch.Tensor  # [B, H]
+
+
+class TextEmbedder(nn.Module):
+    def __init__(self, *, vocab_size: int, hidden_size: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
+        self.position = nn.Embedding(max_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, type_embeds: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.drop(self.norm(self.word(input_ids) + self.position(pos)[None] + type_embeds))
+
+
+class ImageEmbedder(nn.Module):
+    def __init__(self, *, img_dim: int, hidden_size: int, pos_dim: int = 7, dropout: float):
+        super().__init__()
+        self.feat_proj = nn.Linear(img_dim, hidden_size)
+        self.feat_norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.pos_proj = nn.Linear(pos_dim, hidden_size)
+        self.pos_norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        # Added to the (zeroed) features of masked regions only.
+        self.mask_embedding = nn.Parameter(torch.zeros(img_dim))
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, feat: torch.Tensor, pos: torch.Tensor, masked: torch.Tensor | None, type_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        if masked is not None:
+            m = masked[..., None].to(feat.dtype)
+            feat = feat * (1 - m) + m * self.mask_embedding
+        x = self.feat_norm(self.feat_proj(feat)) + self.pos_norm(self.pos_proj(pos)) + type_embeds
+        return self.drop(self.norm(x))
+
+
+@MODELS.register_module(name="UniterModel")
+class UniterModel(nn.Module):
+    """``model(batch) -> EncoderOutput``; ``model.encode(...)`` takes plain tensors."""
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 30522,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        max_positions: int = 512,
+        type_vocab_size: int = 2,
+        img_dim: int = 2048,
+        init_std: float = 0.02,
+        gradient_checkpointing: bool = False,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.img_dim = img_dim
+        self.vocab_size = vocab_size
+        self.text_embed = TextEmbedder(
+            vocab_size=vocab_size, hidden_size=hidden_size, max_positions=max_positions, dropout=hidden_dropout
+        )
+        self.type_embed = nn.Embedding(type_vocab_size, hidden_size)
+        self.img_embed = ImageEmbedder(img_dim=img_dim, hidden_size=hidden_size, dropout=hidden_dropout)
+        self.encoder = TransformerEncoder(
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            hidden_dropout=hidden_dropout,
+            attention_dropout=attention_dropout,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        init_bert_weights(self, std=init_std)
+        if pretrained:
+            from projects.uniter.uniter.convert import load_pretrained
+
+            load_pretrained(self, pretrained)
+
+    # The weights that tied heads reuse (the model stays their single owner).
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.text_embed.word
+
+    @property
+    def feature_projection(self) -> nn.Linear:
+        return self.img_embed.feat_proj
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_mask: torch.Tensor,
+        img_masked: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        img_type_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if img_type_ids is None:
+            img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+        text = self.text_embed(input_ids, self.type_embed(token_type_ids))
+        regions = self.img_embed(img_feat, img_pos, img_masked, self.type_embed(img_type_ids))
+        p = make_packing(text_mask, img_mask)
+        seq = self.encoder(pack(text, regions, p), p.mask)
+        text_out, region_out = unpack(seq, p)
+        pooled = torch.tanh(self.pooler(seq[:, 0]))
+        return EncoderOutput(text_out, text_mask, region_out, img_mask, seq, p.mask, pooled)
+
+    def forward(self, batch: VLBatch) -> EncoderOutput:
+        return self.encode(
+            batch.input_ids,
+            batch.text_mask,
+            batch.img_feat,
+            batch.img_pos,
+            batch.img_mask,
+            img_masked=batch.img_masked,
+            token_type_ids=batch.token_type_ids,
+        )
