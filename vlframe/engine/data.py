@@ -1,0 +1,123 @@
+"""Per-task batch streams: a token-budget sampler, a loader whose workers run the task's
+``collate`` (masking, negatives), and an exact position for resuming mid-epoch."""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vlframe.registry import SAMPLERS, build
+
+
+def batch_seed(base: int, epoch: int, indices: list[int]) -> int:
+    """A seed that depends only on the run seed, the epoch and the batch's content, so masking
+    and negatives are the same whatever the number of workers, and after a resume."""
+    key = f"{base}:{epoch}:" + ",".join(map(str, indices[:64])) + f":{len(indices)}"
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+class _SeededBatches:
+    """Wraps a batch sampler to yield ``(seed, indices)`` keys."""
+
+    def __init__(self, batch_sampler: Any, base_seed: int):
+        self.batch_sampler = batch_sampler
+        self.base_seed = base_seed
+
+    def __iter__(self):
+        epoch = getattr(self.batch_sampler, "epoch", 0)
+        for indices in self.batch_sampler:
+            yield batch_seed(self.base_seed, epoch, list(indices)), list(indices)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class TaskBatches(Dataset):
+    """``dataset[(seed, indices)]`` -> the task's collated batch of those examples."""
+
+    def __init__(self, dataset: Any, task: Any):
+        self.dataset = dataset
+        self.task = task
+
+    def __getitem__(self, key: tuple[int, list[int]]):
+        seed, indices = key
+        g = torch.Generator().manual_seed(seed)
+        return self.task.collate([self.dataset[i] for i in indices], generator=g, dataset=self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class TaskStream:
+    """An endless stream of one task's batches; ``state_dict`` records the exact position."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Any,
+        task: Any,
+        sampler_cfg: dict,
+        seed: int,
+        shuffle: bool,
+        num_workers: int,
+        pin_memory: bool | None,
+        where: str = "data.sampler",
+    ):
+        from vlframe.data.loader import build_loader
+
+        self.sampler = build(
+            sampler_cfg,
+            SAMPLERS,
+            where=where,
+            lengths=dataset.lengths(),
+            text_lengths=dataset.text_lengths(),
+            region_lengths=dataset.region_lengths(),
+            seed=seed,
+            shuffle=shuffle,
+        )
+        self.loader = build_loader(
+            TaskBatches(dataset, task),
+            batch_sampler=None,
+            sampler=_SeededBatches(self.sampler, seed),
+            collate_fn=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+        )
+        self.epoch = 0
+        self.consumed = 0  # batches of this epoch handed to the trainer
+        self._it = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def next(self):
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.consumed = 0
+            self.sampler.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def epoch_batches(self):
+        """One full pass in sampler order (validation)."""
+        self.sampler.set_epoch(0)
+        yield from self.loader
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.load_state_dict({"epoch": self.epoch, "batches_done": self.consumed, "seed": self.sampler.seed})
+        self._it = iter(self.loader)  # the sampler skips the consumed batches

@@ -1,0 +1,327 @@
+"""The training loop: build from config, then per step sample a task, forward, backward with
+gradient accumulation, unscale, clip, step, schedule, hooks. Read it top to bottom.
+
+Features
+- One task per step (per gradient-accumulation group), drawn by ``mix`` ratio; under DDP rank 0
+  draws and broadcasts, so every rank trains the same task.
+- Accumulation: ``no_sync`` on all micro-steps but the last; each micro-loss is divided by the
+  number of micro-steps, so K micro-batches of N equal one batch of K*N for mean losses.
+- AMP through ``torch.autocast``: bf16 (no scaler) or fp16 with a GradScaler on CUDA; fp32 on CPU
+  unless asked for. Gradients are unscaled before clipping.
+- Checkpoints (model, optimizer, scheduler, scaler, step, RNG states, data position, the task
+  sampler, the resolved config) are written atomically; ``resume=auto`` continues from the newest
+  good one, exactly where it stopped.
+- Validation every ``val_interval`` steps; progress bar, ``metrics.jsonl`` and TensorBoard.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vlframe.engine import checkpoint as ckpt
+from vlframe.engine import distributed as D
+from vlframe.engine.data import TaskStream
+from vlframe.engine.optim import build_optimizer, linear_warmup_decay
+from vlframe.metrics.average import Average
+from vlframe.registry import DATASETS, HOOKS, MODELS, TASKS, build, import_custom
+from vlframe.tasks.base import DataInfo
+
+log = logging.getLogger("vlframe")
+
+
+class VLModule(nn.Module):
+    """The model plus every task's heads, so one DDP wrapper and one optimizer cover both."""
+
+    def __init__(self, model: nn.Module, tasks: dict[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.tasks = nn.ModuleDict(tasks)
+
+    def forward(self, task: str, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.tasks[task](self.model, batch)
+        return out.loss, out.logs
+
+
+class TaskChooser:
+    """Draws the task of each step with probability proportional to its ``mix``."""
+
+    def __init__(self, mix: dict[str, float], seed: int):
+        self.names = list(mix)
+        self.weights = torch.tensor([float(mix[n]) for n in self.names], dtype=torch.float64)
+        if (self.weights < 0).any() or self.weights.sum() <= 0:
+            raise ValueError(f"tasks.*.mix must be >= 0 with a positive total, got {mix}")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def choose(self) -> str:
+        # Rank 0 decides; the others receive its choice (their own draw is discarded).
+        idx = int(torch.multinomial(self.weights, 1, generator=self.generator)) if D.is_main() else -1
+        return self.names[D.broadcast_int(idx)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """autocast dtype, or None for fp32. ``auto``: bf16 on CUDA where supported, else fp16 on CUDA,
+    fp32 on CPU (bf16 matmul is far slower than fp32 on most CPUs)."""
+    if amp == "fp32":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    raise ValueError(f"train.amp must be auto, fp32, bf16 or fp16, got {amp!r}")
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, *, work_dir: str):
+        self.cfg = cfg
+        self.work_dir = work_dir
+        tc = cfg.train
+        import_custom(list(cfg.get("custom_imports") or []))
+        self.device = resolve_device(tc.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        D.init_from_env(self.device)
+        torch.manual_seed(int(cfg.seed) + D.rank())
+
+        # Data and tasks.
+        self.train_set = build(cfg.data.train, DATASETS, where="data.train")
+        self.val_set = build(cfg.data.val, DATASETS, where="data.val") if cfg.data.get("val") else None
+        info = DataInfo.from_dataset(self.train_set)
+        self.model = build(cfg.model, MODELS, where="model")
+        if self.model.img_dim != info.feat_dim:
+            raise ValueError(
+                f"model.img_dim={self.model.img_dim} but the region store of data.train has feat_dim={info.feat_dim}"
+            )
+        tasks, mix = {}, {}
+        for name, node in cfg.tasks.items():
+            node = OmegaConf.to_container(node, resolve=True)
+            mix[name] = node.pop("mix", 1.0)
+            tasks[name] = build(node, TASKS, where=f"tasks.{name}")
+            tasks[name].setup(model=self.model, info=info)
+        self.module = VLModule(self.model, tasks).to(self.device)
+        self.chooser = TaskChooser(mix, seed=int(cfg.seed))
+        sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)
+        self.streams = {
+            name: TaskStream(
+                dataset=self.train_set,
+                task=task,
+                sampler_cfg=sampler_cfg,
+                seed=int(cfg.seed) * 1000 + i,
+                shuffle=True,
+                num_workers=int(cfg.data.num_workers),
+                pin_memory=cfg.data.get("pin_memory"),
+            )
+            for i, (name, task) in enumerate(tasks.items())
+        }
+        self.val_streams = {}
+        if self.val_set is not None:
+            val_sampler = dict(sampler_cfg, budget=int(cfg.data.val_batch_units))
+            self.val_streams = {
+                name: TaskStream(
+                    dataset=self.val_set, task=task, sampler_cfg=val_sampler, seed=int(cfg.seed) + 7,
+                    shuffle=False, num_workers=int(cfg.data.num_workers), pin_memory=cfg.data.get("pin_memory"),
+                )
+                for name, task in tasks.items()
+            }
+
+        # Optimisation.
+        self.optimizer = build_optimizer(
+            self.module, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps
+        )
+        self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps)
+        self.amp_dtype = resolve_amp(tc.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ddp = self.module
+        if D.is_dist():
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # each step trains one task: other heads get no grad
+            )
+        self.hooks = [build(h, HOOKS, where=f"hooks.{i}") for i, h in enumerate(cfg.get("hooks") or [])]
+        self.step = 0
+        self.ckpt_dir = os.path.join(work_dir, "checkpoints")
+        self._tb = None
+
+    # ----------------------------------------------------------------------------- one step
+    def train_step(self, task: str, micro_batches: list[Any]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` of ``task``; returns the logs."""
+        self.ddp.train()
+        k = len(micro_batches)
+        logs: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            last = i == k - 1
+            # Skip the gradient all-reduce on all but the last micro-step.
+            sync = contextlib.nullcontext() if last or not D.is_dist() else self.ddp.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss, micro_logs = self.ddp(task, batch.to(self.device, non_blocking=True))
+                self.scaler.scale(loss / k).backward()
+            for key, v in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + v / k
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.clip_grad:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        logs["lr"] = self.scheduler.get_last_lr()[0]
+        return logs
+
+    # ----------------------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        tc = self.cfg.train
+        if D.is_main():
+            os.makedirs(self.work_dir, exist_ok=True)
+            from vlframe.config import save_config
+
+            save_config(self.cfg, os.path.join(self.work_dir, "config.yaml"))
+        self._resume(str(tc.resume))
+        for h in self.hooks:
+            h.before_train(self)
+        bar = None
+        if D.is_main() and tc.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last_val: dict[str, float] = {}
+        t0 = time.time()
+        while self.step < tc.max_steps:
+            task = self.chooser.choose()
+            micro = [self.streams[task].next() for _ in range(int(tc.grad_accum))]
+            logs = self.train_step(task, micro)
+            self.step += 1
+            for h in self.hooks:
+                h.after_step(self, task, logs)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(task=task, loss=f"{logs.get('loss', float('nan')):.3f}")
+            if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                self._log({f"train/{task}/{k}": v for k, v in logs.items()} | {"time": time.time() - t0})
+            if self.val_streams and (self.step % tc.val_interval == 0 or self.step == tc.max_steps):
+                last_val = self.validate()
+                self._log(last_val)
+                if bar is not None:
+                    bar.write(" ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
+            if self.step % tc.ckpt_interval == 0 or self.step == tc.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        for h in self.hooks:
+            h.after_train(self)
+        if self._tb is not None:
+            self._tb.close()
+        return last_val
+
+    # ----------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.module.eval()
+        out: dict[str, float] = {}
+        limit = int(self.cfg.train.get("val_batches", 0) or 0)
+        for name, stream in self.val_streams.items():
+            task = self.module.tasks[name]
+            acc = Average()
+            for i, batch in enumerate(stream.epoch_batches()):
+                if limit and i >= limit:
+                    break
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    acc.update(task.evaluate(self.model, batch.to(self.device)))
+            out.update({f"val/{name}/{k}": v for k, v in acc.compute().items()})
+            if D.is_main():
+                extra = task.evaluate_dataset(self.model, self.val_set, device=self.device)
+                out.update({f"val/{name}/{k}": v for k, v in extra.items()})
+        for h in self.hooks:
+            h.after_validation(self, out)
+        self.module.train()
+        return out
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "chooser": self.chooser.state_dict(),
+            "data": {name: s.state_dict() for name, s in self.streams.items()},
+            "rng": ckpt.rng_state(),
+            "hooks": [h.state_dict() for h in self.hooks],
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.chooser.load_state_dict(state["chooser"])
+        for name, s in state["data"].items():
+            if name in self.streams:
+                self.streams[name].load_state_dict(s)
+        ckpt.set_rng_state(state["rng"])
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+        self.step = int(state["step"])
+
+    def save(self) -> str | None:
+        if not D.is_main():
+            return None
+        path = os.path.join(self.ckpt_dir, f"ckpt_{self.step:07d}.pt")
+        ckpt.atomic_save(self.state_dict(), path)
+        ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts))
+        for h in self.hooks:
+            h.after_checkpoint(self, path)
+        return path
+
+    def _resume(self, resume: str) -> None:
+        if resume in ("never", "none", ""):
+            return
+        if resume == "auto":
+            found = ckpt.newest_good(self.ckpt_dir)
+            if found is None:
+                return
+            path, state = found
+        else:
+            path, state = resume, ckpt.load(resume)
+        self.load_state_dict(state)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _log(self, values: dict[str, float]) -> None:
+        if not D.is_main():
+            return
+        record = {"step": self.step, **values}
+        with open(os.path.join(self.work_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"))
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, self.step)
