@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--work-dir", default=None, help="run folder (default: work_dirs/<config name>)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (omegaconf dotlist)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         metrics = train(args.config, args.overrides, work_dir=args.work_dir)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError) as e:

@@ -16,7 +16,7 @@ from typing import Any
 from mmengine.registry import Registry
 
 MODELS = Registry("model", scope="vlframe", locations=["vlframe.modules"])
-LOSSES = Registry("loss", scope="vlframe", locations=["vlframe.modules.losses"])
+LOSSES = Registry("loss", scope="vlframe", locations=["vlframe.modules"])
 TASKS = Registry("task", scope="vlframe", locations=["vlframe.tasks"])
 MASKERS = Registry("masker", scope="vlframe", locations=["vlframe.masking"])
 OT_SOLVERS = Registry("ot_solver", scope="vlframe", locations=["vlframe.ot"])

@@ -19,19 +19,28 @@ def batch_seed(base: int, epoch: int, indices: list[int]) -> int:
 
 
 class _SeededBatches:
-    """Wraps a batch sampler to yield ``(seed, indices)`` keys."""
+    """Wraps a batch sampler to yield one-element lists ``[(seed, indices)]``: the loader then
+    asks ``TaskBatches`` for the whole batch at once (see :func:`_only`)."""
 
     def __init__(self, batch_sampler: Any, base_seed: int):
         self.batch_sampler = batch_sampler
         self.base_seed = base_seed
 
+    @property
+    def epoch(self) -> int:  # the loader seeds its workers from it
+        return getattr(self.batch_sampler, "epoch", 0)
+
     def __iter__(self):
-        epoch = getattr(self.batch_sampler, "epoch", 0)
+        epoch = self.epoch
         for indices in self.batch_sampler:
-            yield batch_seed(self.base_seed, epoch, list(indices)), list(indices)
+            yield [(batch_seed(self.base_seed, epoch, list(indices)), list(indices))]
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
+
+
+def _only(items: list) -> Any:
+    return items[0]
 
 
 class TaskBatches(Dataset):
@@ -71,17 +80,16 @@ class TaskStream:
             sampler_cfg,
             SAMPLERS,
             where=where,
+            # Cost = examples x longest (text + regions): UNITER packs both into one sequence,
+            # so that is the size the encoder runs on.
             lengths=dataset.lengths(),
-            text_lengths=dataset.text_lengths(),
-            region_lengths=dataset.region_lengths(),
             seed=seed,
             shuffle=shuffle,
         )
         self.loader = build_loader(
             TaskBatches(dataset, task),
-            batch_sampler=None,
-            sampler=_SeededBatches(self.sampler, seed),
-            collate_fn=None,
+            batch_sampler=_SeededBatches(self.sampler, seed),
+            collate_fn=_only,
             num_workers=num_workers,
             pin_memory=pin_memory,
             seed=seed,

@@ -232,6 +232,8 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        if not os.path.isfile(self._ckpt_path()):  # e.g. max_steps=0 (the no-pretraining baseline)
+            self.save()
         for h in self.hooks:
             h.after_train(self)
         if self._tb is not None:
@@ -293,19 +295,35 @@ class Trainer:
     def save(self) -> str | None:
         if not D.is_main():
             return None
-        path = os.path.join(self.ckpt_dir, f"ckpt_{self.step:07d}.pt")
+        path = self._ckpt_path()
         ckpt.atomic_save(self.state_dict(), path)
         ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts))
         for h in self.hooks:
             h.after_checkpoint(self, path)
         return path
 
+    def _ckpt_path(self) -> str:
+        return os.path.join(self.ckpt_dir, f"ckpt_{self.step:07d}.pt")
+
+    def _init_weights(self, path: str) -> None:
+        """Start from another run's weights (``train.init_from``): model and any task heads whose
+        names match; the rest keep their fresh initialisation (logged)."""
+        state = ckpt.load(path)
+        weights = state["model"] if isinstance(state, dict) and "model" in state else state
+        missing, unexpected = self.module.load_state_dict(weights, strict=False)
+        log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
+
     def _resume(self, resume: str) -> None:
+        init_from = self.cfg.train.get("init_from")
         if resume in ("never", "none", ""):
+            if init_from:
+                self._init_weights(init_from)
             return
         if resume == "auto":
             found = ckpt.newest_good(self.ckpt_dir)
-            if found is None:
+            if found is None:  # a fresh run
+                if init_from:
+                    self._init_weights(init_from)
                 return
             path, state = found
         else:

@@ -44,13 +44,14 @@ def score_all_pairs(
     """Scores of every text of the first ``num_images`` images against each of those images."""
     images = dataset.image_ids()[:num_images]
     img_index = {img: i for i, img in enumerate(images)}
-    texts = [dataset[i] for i in dataset.indices_of_images(images)]
+    texts = [(i, img) for i, img in enumerate(dataset.img_ids) if img in img_index]  # (example, its image)
+    token_ids = {i: dataset.text_ids(i) for i, _ in texts}
     regions = {img: dataset.image_example(img) for img in images}
-    txt2img = torch.tensor([img_index[t.img_id] for t in texts])
-    pairs = [(t, img) for t in texts for img in images]
+    txt2img = torch.tensor([img_index[img] for _, img in texts])
+    pairs = [(i, img) for i, _ in texts for img in images]
     scores = []
     for s in range(0, len(pairs), pairs_per_batch):
         chunk = pairs[s : s + pairs_per_batch]
-        batch = collate([Example(t.txt_id, img, t.input_ids, *regions[img]) for t, img in chunk])
+        batch = collate([Example(str(i), img, token_ids[i], *regions[img]) for i, img in chunk])
         scores.append(score_fn(model, batch.to(device)).float().cpu())
     return torch.cat(scores).view(len(texts), len(images)), txt2img

@@ -205,6 +205,7 @@ class PairTask(Task):
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
         image_ids = dataset.image_ids()
+        example_images = None  # looked up once per batch, only for text-side negatives
         if len(image_ids) < 2:
             raise ValueError("ITM negatives need at least two images in the dataset")
         out, matched = [], []
@@ -223,10 +224,11 @@ class PairTask(Task):
                 feat, pos, soft = dataset.image_example(other)
                 out.append(Example(e.txt_id, other, e.input_ids, feat, pos, soft, e.extra))
             else:
-                o = e
-                while o.img_id == e.img_id:
-                    o = dataset[int(torch.randint(len(dataset), (), generator=generator))]
-                out.append(Example(o.txt_id, e.img_id, o.input_ids, e.img_feat, e.img_pos, e.soft_labels, e.extra))
+                example_images = example_images or dataset.img_ids
+                j = int(torch.randint(len(dataset), (), generator=generator))
+                while example_images[j] == e.img_id:
+                    j = int(torch.randint(len(dataset), (), generator=generator))
+                out.append(Example(f"#{j}", e.img_id, dataset.text_ids(j), e.img_feat, e.img_pos, e.soft_labels, e.extra))
             matched.append(0)
         batch = collate(out)
         batch.targets["itm"] = torch.tensor(matched, dtype=torch.long)

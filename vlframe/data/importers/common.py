@@ -1,0 +1,204 @@
+"""Pieces every importer shares: the error type, the skip-or-stop policy with its counts, JSON and
+JSONL readers that name the place of a problem, field checks, and the text encoder.
+
+Policy: with ``skip_bad=False`` (the default) the first bad record raises :class:`DataFormatError`;
+with ``skip_bad=True`` it is skipped and counted by reason, and :meth:`ImportReport.summary` lists
+every count, so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class DataFormatError(ValueError):
+    """Input that does not match its format. The message always names the file and the
+    line/record: ``"annotations.json: record 17 (question_id 4): missing field 'answers'"``.
+
+    ``reason`` is the short category used to count skips (e.g. ``"missing field 'answers'"``).
+    """
+
+    def __init__(self, source: str | os.PathLike, where: str | None, problem: str, *, reason: str | None = None):
+        self.source = os.fspath(source)
+        self.where = where
+        self.problem = problem
+        self.reason = reason or problem
+        super().__init__(f"{self.source}: {where}: {problem}" if where else f"{self.source}: {problem}")
+
+
+@dataclass
+class ImportReport:
+    """Counts of one import: records written, records skipped by reason."""
+
+    name: str
+    skip_bad: bool = False
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_example: dict[str, str] = field(default_factory=dict)
+
+    def wrote(self, n: int = 1) -> None:
+        self.written += n
+
+    def bad(self, err: DataFormatError) -> None:
+        """Apply the policy to one bad record: raise it, or count it when ``skip_bad``."""
+        if not self.skip_bad:
+            raise err
+        self.skip(err.reason, example=str(err))
+
+    def skip(self, reason: str, *, n: int = 1, example: str | None = None) -> None:
+        """Count a record left out on purpose (or by the skip policy) under ``reason``."""
+        self.skipped[reason] += n
+        if example is not None:
+            self.first_example.setdefault(reason, example)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: wrote {self.written} record(s), skipped {self.total_skipped}"]
+        for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+            ex = self.first_example.get(reason)
+            lines.append(f"  skipped {n}: {reason}" + (f"  (first: {ex})" if ex else ""))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "written": self.written, "skipped": dict(self.skipped)}
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Whole-file JSON; a truncated or malformed file raises naming the file, line and column."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # The text ran out (or a string never closed, so it runs to the end): the file was cut.
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        what = "truncated JSON" if cut else "malformed JSON"
+        raise DataFormatError(path, f"line {e.lineno} column {e.colno}", f"{what}: {e.msg}", reason=what) from None
+
+
+def iter_jsonl(path: str | os.PathLike, report: ImportReport | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)`` for each non-blank line (numbers start at 1).
+
+    A malformed line raises naming its number, or is counted and skipped when ``report.skip_bad``.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                err = DataFormatError(path, f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})",
+                                      reason="malformed JSON line")
+                if report is None:
+                    raise err from None
+                report.bad(err)
+                continue
+            yield lineno, obj
+
+
+def require(record: Any, name: str, types: type | tuple[type, ...], source: str | os.PathLike, where: str) -> Any:
+    """``record[name]``, checked to exist and to have one of ``types`` (bool never counts as int)."""
+    if not isinstance(record, Mapping):
+        raise DataFormatError(source, where, f"expected an object, got {type(record).__name__}",
+                              reason="record is not an object")
+    if name not in record:
+        raise DataFormatError(source, where, f"missing field {name!r}", reason=f"missing field {name!r}")
+    value = record[name]
+    types_t = types if isinstance(types, tuple) else (types,)
+    if (isinstance(value, bool) and bool not in types_t) or not isinstance(value, types_t):
+        want = " or ".join(t.__name__ for t in types_t)
+        raise DataFormatError(source, where, f"field {name!r} should be {want}, got {type(value).__name__} {value!r:.60}",
+                              reason=f"field {name!r} has the wrong type")
+    return value
+
+
+def check_array(arr: np.ndarray, name: str, source: str | os.PathLike, where: str, *,
+                shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+    """Raise unless ``arr`` has ``shape`` (``None`` = any size) and only finite values."""
+    if shape is not None and (arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape))):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise DataFormatError(source, where, f"{name} has shape {list(arr.shape)}, expected {want}",
+                              reason=f"{name} has the wrong shape")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataFormatError(source, where, f"{name} contains NaN or Inf", reason=f"{name} is not finite")
+    return arr
+
+
+# Only the ids are stored; skipping the masks saves building them for every text.
+_ENCODE_KW = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False}
+
+
+class TextEncoder:
+    """Our tokenizer, used once at import time: raw text -> ids without CLS/SEP, cut to ``max_len``.
+
+    :meth:`store_kwargs` gives the ``TextStoreWriter`` arguments that describe it.
+    """
+
+    def __init__(self, tokenizer: Any = None, *, tokenizer_name: str | None = None, max_len: int | None = None):
+        if tokenizer is None:
+            from vlframe.data.tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer()
+            tokenizer_name = tokenizer_name or "bert-base-uncased"
+        self.tokenizer = tokenizer
+        self.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, **_ENCODE_KW)["input_ids"]
+        return ids[: self.max_len] if self.max_len else ids
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        # The fast tokenizer works on a list in one call, far quicker than one text at a time.
+        if not texts:
+            return []
+        out = self.tokenizer(texts, **_ENCODE_KW)["input_ids"]
+        return [ids[: self.max_len] for ids in out] if self.max_len else list(out)
+
+    def store_kwargs(self) -> dict[str, Any]:
+        t = self.tokenizer
+        special = {"cls": t.cls_token_id, "sep": t.sep_token_id, "mask": t.mask_token_id,
+                   "pad": t.pad_token_id, "unk": t.unk_token_id}
+        return {"tokenizer_name": self.tokenizer_name, "special_ids": special, "vocab_size": len(t)}
+
+
+def region_store_ids(path: str | os.PathLike) -> set[str]:
+    """Image ids of an existing region store, to check that annotations point at real features."""
+    from vlframe.data.stores import RegionStore
+
+    return set(RegionStore(os.fspath(path)).ids())
+
+
+def add_common_args(p: argparse.ArgumentParser, *, text: bool = True) -> None:
+    """Arguments every import subcommand takes."""
+    p.add_argument("--out", required=True, help="output store folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records and count them by reason instead of stopping at the first")
+    if text:
+        p.add_argument("--max-text-len", type=int, default=None, help="cut token ids to this many (no CLS/SEP)")
+        p.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder or vocab.txt (default: the bundled bert-base-uncased vocabulary)")
+
+
+def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
+    if getattr(args, "tokenizer", None):
+        from vlframe.data.tokenizer import build_tokenizer
+
+        return TextEncoder(build_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer, max_len=args.max_text_len)
+    return TextEncoder(max_len=getattr(args, "max_text_len", None))
