@@ -3,7 +3,10 @@
 - BERT checkpoints in transformers' layout (``BertModel``, optionally prefixed ``bert.``): the
   text embedder, the shared type table, the encoder and the pooler.
 - The original UNITER checkpoints (``uniter.*`` backbone; key list in
-  ``shared/fixtures/uniter_base_state_dict_keys.txt``).
+  ``shared/fixtures/uniter_base_state_dict_keys.txt``), whole: backbone plus the pretraining
+  heads <-> vlframe's ``VLModule`` layout (``model.*``, ``tasks.<name>.head.*``), see
+  :func:`original_to_vlframe` / :func:`vlframe_to_original`; ``tools/convert_checkpoint.py`` is
+  the command line.
 
 The mapping is a table of regular expressions, one home for both directions.
 """
@@ -103,11 +106,22 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; name the file
+        # torch's message spans a page; keep the line that says what was refused.
+        msg = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e).strip()
+        msg = msg.splitlines()[0] if msg else type(e).__name__
+        raise ValueError(f"{path}: cannot read as a weights-only torch file: {msg}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: not a state dict: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor")
     return dict(obj)
 
 
@@ -135,3 +149,373 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict_backbone: bool 
             raise ValueError(f"{path}: {k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
     model.load_state_dict(mapped, strict=False)
     return sorted(set(own) - set(mapped))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole pretraining checkpoints: the original ``UniterForPretraining`` <-> vlframe's ``VLModule``
+# (``model.*`` = UniterModel, ``tasks.<name>.head.*`` = one head per task).
+# ---------------------------------------------------------------------------------------------
+
+#: vlframe pretraining tasks the original has weights for, in the order they are produced.
+DEFAULT_TASKS: tuple[str, ...] = ("mlm", "mrfr", "mrc", "mrc_kl", "itm")
+
+# Per task: (original name, name inside ``tasks.<name>.head.``). A trailing "." is a module whose
+# weight and bias both map; otherwise a single parameter.
+_HEAD_RULES: dict[str, list[tuple[str, str]]] = {
+    "mlm": [
+        ("cls.predictions.transform.dense.", "transform.dense."),
+        ("cls.predictions.transform.LayerNorm.", "transform.norm."),
+        ("cls.predictions.bias", "bias"),
+    ],
+    "mrfr": [
+        ("feat_regress.net.0.", "transform.dense."),
+        ("feat_regress.net.2.", "transform.norm."),
+        ("feat_regress.bias", "bias"),
+    ],
+    # The original shares one region classifier between MRC and MRC-kl; vlframe has one per task.
+    "mrc": [
+        ("region_classifier.net.0.", "transform.dense."),
+        ("region_classifier.net.2.", "transform.norm."),
+        ("region_classifier.net.3.", "out."),
+    ],
+    "itm": [("itm_output.", "")],
+}
+_HEAD_RULES["mrc_kl"] = _HEAD_RULES["mrc"]
+
+# Original output weights that are the same tensor as a backbone weight, by the task that uses
+# them: task -> (head key, backbone key).
+_TIED: dict[str, tuple[str, str]] = {
+    "mlm": ("cls.predictions.decoder.weight", "uniter.embeddings.word_embeddings.weight"),
+    "mrfr": ("feat_regress.weight", "uniter.img_embeddings.img_linear.weight"),
+}
+
+
+def _param_pairs(task: str) -> list[tuple[str, str]]:
+    """(original key, key inside the head) for every parameter of ``task``'s head."""
+    pairs = []
+    for orig, ours in _HEAD_RULES[task]:
+        if orig.endswith("."):
+            pairs += [(orig + p, ours + p) for p in ("weight", "bias")]
+        else:
+            pairs.append((orig, ours))
+    return pairs
+
+
+_KNOWN_HEAD_KEYS = {o for t in _HEAD_RULES for o, _ in _param_pairs(t)} | {h for h, _ in _TIED.values()}
+
+
+def _task_names(tasks: tuple[str, ...] | list[str], names: Mapping[str, str] | None) -> dict[str, str]:
+    """vlframe task kind (mlm, mrc_kl, ...) -> the task's name in the user's config."""
+    names = dict(names or {})
+    unknown = sorted(set(tasks) - set(_HEAD_RULES))
+    if unknown:
+        raise ValueError(f"tasks: no original weights for {unknown}; known: {list(DEFAULT_TASKS)}")
+    bad = sorted(set(names) - set(_HEAD_RULES))
+    if bad:
+        raise ValueError(f"names: keys must be task kinds {list(DEFAULT_TASKS)}, got {bad}")
+    out = {t: str(names.get(t, t)) for t in tasks}
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"names: two tasks map to the same name: {out}")
+    return out
+
+
+def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Checkpoints saved from a DistributedDataParallel wrapper carry "module." on every key.
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _check_shape(key: str, value: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{key}: shape {tuple(value.shape)} != expected {tuple(expected)} ({why})")
+
+
+class Converted(tuple):
+    """``(state_dict, unmapped)``: the converted state dict and the input keys that had no home
+    (always empty with ``strict=True``, which raises instead)."""
+
+    __slots__ = ()
+
+    def __new__(cls, state_dict: dict[str, torch.Tensor], unmapped: list[str]):
+        return super().__new__(cls, (state_dict, unmapped))
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self[0]
+
+    @property
+    def unmapped(self) -> list[str]:
+        return self[1]
+
+
+def original_to_vlframe(
+    state: Mapping[str, torch.Tensor],
+    *,
+    tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS,
+    names: Mapping[str, str] | None = None,
+    strict: bool = True,
+    atol: float = 0.0,
+) -> Converted:
+    """Original ``UniterForPretraining`` state dict -> vlframe ``VLModule`` state dict.
+
+    ``tasks``: which vlframe task kinds get heads (each must have its weights in ``state``);
+    ``names``: kind -> task name in the config, e.g. ``{"mrc_kl": "mrckl"}``. Heads of tasks not
+    asked for are dropped. The tied outputs (MLM decoder = word embeddings, MRFR output =
+    img_linear) must equal their backbone weight within ``atol`` and are then dropped: vlframe's
+    heads read them from the model. ``strict``: an original key with no home is an error listing
+    every such key; ``strict=False`` returns them in ``.unmapped`` instead.
+
+    The original's ``mask_embedding`` row 0 is dropped: the original overwrites it with zeros at
+    every forward pass with masked regions, so it carries nothing.
+    """
+    state = _strip_module_prefix(state)
+    wanted = _task_names(tasks, names)
+    if not any(k.startswith("uniter.") for k in state):
+        raise ValueError("not an original UNITER checkpoint: no 'uniter.*' key")
+    out = {"model." + k: v for k, v in backbone_from_original(state, prefix="uniter.").items()}
+    mapped_backbone = {
+        k for k in state if k.startswith("uniter.") and (_IGNORED.search(k) or _backbone_key_maps(k[7:]))
+    }
+
+    for head_key, owner in _TIED.values():
+        if head_key not in state:
+            continue
+        if owner not in state:
+            raise ValueError(f"{head_key} is tied to {owner}, which the checkpoint lacks")
+        a, b = state[head_key], state[owner]
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{head_key} should be tied to {owner}, but its shape {tuple(a.shape)} != {tuple(b.shape)}"
+            )
+        if a.is_meta or b.is_meta or not a.numel():
+            continue  # no values to compare (e.g. a key/shape plan on the meta device)
+        err = float((a.float() - b.float()).abs().max())
+        if err > atol:
+            raise ValueError(f"{head_key} should be tied to (equal) {owner}, but differs by up to {err:.3g}")
+    origin: dict[str, str] = {}
+    for kind, name in wanted.items():
+        if kind in _TIED and _TIED[kind][0] not in state:
+            raise ValueError(f"task {name!r} ({kind}): the checkpoint lacks its tied output {_TIED[kind][0]}")
+        missing = [o for o, _ in _param_pairs(kind) if o not in state]
+        if missing:
+            raise ValueError(f"task {name!r} ({kind}): the checkpoint lacks {missing}")
+        for orig, ours in _param_pairs(kind):
+            out[f"tasks.{name}.head.{ours}"] = state[orig]
+            origin[f"tasks.{name}.head.{ours}"] = orig
+    _check_head_shapes(out, wanted, origin)
+
+    unmapped = sorted(set(state) - mapped_backbone - _KNOWN_HEAD_KEYS)
+    if unmapped and strict:
+        raise ValueError(f"original checkpoint keys with no vlframe name: {unmapped}")
+    return Converted(out, unmapped)
+
+
+def _backbone_key_maps(k: str) -> bool:
+    k = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k))
+    return k == _MASK_ORIG or rename_key(k, _FORWARD) is not None
+
+
+def _check_head_shapes(
+    out: Mapping[str, torch.Tensor], wanted: Mapping[str, str], origin: Mapping[str, str] | None = None
+) -> None:
+    """Head shapes must fit the backbone they are used with (hidden, vocabulary, feature sizes).
+    ``origin`` (our key -> input key) lets an error name the key as the input file spells it."""
+    word = out.get("model.text_embed.word.weight")
+    proj = out.get("model.img_embed.feat_proj.weight")
+    if word is None or proj is None:
+        raise ValueError("checkpoint lacks the word embeddings or img_linear of the backbone")
+    (vocab, hidden), feat_dim = word.shape, proj.shape[1]
+
+    def check(key: str, expected: tuple[int, ...], why: str) -> None:
+        name = f"{origin[key]} (-> {key})" if origin and key in origin else key
+        _check_shape(name, out[key], expected, why)
+
+    for kind, name in wanted.items():
+        p = f"tasks.{name}.head."
+        if kind == "itm":
+            check(p + "weight", (2, hidden), "Linear(hidden, 2)")
+            check(p + "bias", (2,), "Linear(hidden, 2)")
+            continue
+        check(p + "transform.dense.weight", (hidden, hidden), "hidden size")
+        for k in ("transform.dense.bias", "transform.norm.weight", "transform.norm.bias"):
+            check(p + k, (hidden,), "hidden size")
+        if kind == "mlm":
+            check(p + "bias", (vocab,), "vocabulary size of the word embeddings")
+        elif kind == "mrfr":
+            check(p + "bias", (feat_dim,), "feature size of img_linear")
+        else:
+            num = out[p + "out.weight"].shape[0]
+            check(p + "out.weight", (num, hidden), "Linear(hidden, labels)")
+            check(p + "out.bias", (num,), "Linear(hidden, labels)")
+
+
+def vlframe_to_original(
+    state: Mapping[str, torch.Tensor],
+    *,
+    names: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> Converted:
+    """vlframe ``VLModule`` state dict -> the original ``UniterForPretraining`` layout.
+
+    Heads are found by task name (``names`` maps kind -> config name as in
+    :func:`original_to_vlframe`); only the heads present are written. The tied outputs are
+    written as the very tensor of their backbone weight, as the original's state dict holds them.
+    The shared region classifier comes from ``mrc_kl`` if present, else ``mrc``. ``strict``: keys
+    outside ``model.*`` and the known heads (e.g. a VQA head) are an error; ``strict=False``
+    returns them in ``.unmapped``.
+    """
+    state = _strip_module_prefix(state)
+    kinds = _task_names(DEFAULT_TASKS, names)
+    backbone = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    if not backbone:
+        raise ValueError("not a vlframe checkpoint: no 'model.*' key")
+    out = backbone_to_original(backbone, prefix="uniter.")
+    used = {"model." + k for k in backbone}
+    present = {kind for kind, name in kinds.items() if any(k.startswith(f"tasks.{name}.head.") for k in state)}
+    if "mrc_kl" in present:
+        present.discard("mrc")  # one shared region classifier in the original
+    for kind in (k for k in DEFAULT_TASKS if k in present):
+        p = f"tasks.{kinds[kind]}.head."
+        missing = [p + ours for _, ours in _param_pairs(kind) if p + ours not in state]
+        if missing:
+            raise ValueError(f"task {kinds[kind]!r} ({kind}): the checkpoint lacks {missing}")
+        for orig, ours in _param_pairs(kind):
+            out[orig] = state[p + ours]
+    for kind, (head_key, owner) in _TIED.items():
+        if kind in present:
+            out[head_key] = out[owner]
+    # Every head parameter of a known task counts as used (the mrc copy beside mrc_kl included).
+    for kind, name in kinds.items():
+        used |= {f"tasks.{name}.head.{ours}" for _, ours in _param_pairs(kind)}
+    unmapped = sorted(set(state) - used)
+    if unmapped and strict:
+        raise ValueError(f"vlframe checkpoint keys with no original name: {unmapped}")
+    return Converted(out, unmapped)
+
+
+def infer_model_kwargs(backbone: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``UniterModel`` size arguments read off a vlframe backbone state dict (no ``model.``)."""
+    need = [
+        "text_embed.word.weight",
+        "text_embed.position.weight",
+        "type_embed.weight",
+        "encoder.layers.0.ffn_in.weight",
+    ]
+    missing = [k for k in need if k not in backbone]
+    if missing:
+        raise ValueError(f"cannot infer the model size: the checkpoint lacks {missing}")
+    layers = {int(m.group(1)) for k in backbone if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    if layers != set(range(len(layers))):
+        raise ValueError(f"encoder layer indices are not 0..n-1: {sorted(layers)}")
+    vocab, hidden = backbone["text_embed.word.weight"].shape
+    kwargs = {
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "num_layers": len(layers),
+        "intermediate_size": int(backbone["encoder.layers.0.ffn_in.weight"].shape[0]),
+        "max_positions": int(backbone["text_embed.position.weight"].shape[0]),
+        "type_vocab_size": int(backbone["type_embed.weight"].shape[0]),
+    }
+    if "img_embed.feat_proj.weight" in backbone:
+        kwargs["img_dim"] = int(backbone["img_embed.feat_proj.weight"].shape[1])
+    return kwargs
+
+
+def bert_to_vlframe(
+    path: str, *, img_dim: int = 2048, num_heads: int | None = None, mlm_name: str = "mlm"
+) -> dict[str, torch.Tensor]:
+    """A transformers BERT checkpoint (folder, ``.safetensors`` or torch file) -> vlframe
+    ``VLModule`` state dict: the backbone through :func:`load_pretrained` (the image embedder at
+    its initial values) and, when the checkpoint has BERT's MLM head (``cls.predictions.*``),
+    ``tasks.<mlm_name>.head`` from it, as the original started its MLM head from BERT's.
+
+    ``num_heads`` only matters for building the model; default: ``config.json`` of a folder,
+    else hidden size / 64.
+    """
+    from projects.uniter.uniter.model import UniterModel
+
+    state = read_state_dict(path)
+    kwargs = infer_model_kwargs(backbone_from_original(state, prefix=detect_prefix(state)))
+    if num_heads is None:
+        num_heads = _heads_from_config(path) or max(1, kwargs["hidden_size"] // 64)
+    kwargs.update(img_dim=img_dim, num_heads=num_heads)
+    model = UniterModel(**kwargs)
+    load_pretrained(model, path)
+    out = {"model." + k: v for k, v in model.state_dict().items()}
+    head = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in state.items()}
+    pairs = _param_pairs("mlm")
+    if any(o in head for o, _ in pairs):
+        missing = [o for o, _ in pairs if o not in head]
+        if missing:
+            raise ValueError(f"{path}: BERT MLM head is incomplete, missing {missing}")
+        for orig, ours in pairs:
+            out[f"tasks.{mlm_name}.head.{ours}"] = head[orig]
+        _check_head_shapes(out, {"mlm": mlm_name})
+    return out
+
+
+def _heads_from_config(path: str) -> int | None:
+    import json
+
+    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f).get("num_attention_heads")
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str, *, wrap_model: bool) -> None:
+    """Write ``state`` to ``path``: ``.safetensors`` (flat), else a torch file, as ``{"model":
+    state}`` when ``wrap_model`` (vlframe's checkpoint layout, read by ``train.init_from``)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # safetensors stores no aliasing: tied / shared tensors get their own copy.
+        seen: set[int] = set()
+        flat = {}
+        for k, v in state.items():
+            v = v.detach().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            flat[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+        save_file(flat, path)
+        return
+    from vlframe.engine.checkpoint import atomic_save
+
+    atomic_save({"model": dict(state)} if wrap_model else dict(state), path)
+
+
+def convert_file(
+    src: str,
+    dst: str,
+    *,
+    source: str,
+    target: str,
+    tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS,
+    names: Mapping[str, str] | None = None,
+    strict: bool = True,
+    img_dim: int = 2048,
+    num_heads: int | None = None,
+) -> list[str]:
+    """Convert the checkpoint file ``src`` into ``dst``; returns the input keys left out
+    (only with ``strict=False``). ``source``/``target``: ``original`` -> ``vlframe``,
+    ``vlframe`` -> ``original`` or ``bert`` -> ``vlframe``."""
+    route = (source, target)
+    if route not in {("original", "vlframe"), ("vlframe", "original"), ("bert", "vlframe")}:
+        raise ValueError(
+            f"cannot convert from {source!r} to {target!r}: use original->vlframe, vlframe->original or bert->vlframe"
+        )
+    try:
+        if source == "bert":
+            mlm_name = (names or {}).get("mlm", "mlm")
+            state, unmapped = bert_to_vlframe(src, img_dim=img_dim, num_heads=num_heads, mlm_name=mlm_name), []
+        elif source == "original":
+            state, unmapped = original_to_vlframe(read_state_dict(src), tasks=tasks, names=names, strict=strict)
+        else:
+            state, unmapped = vlframe_to_original(read_state_dict(src), names=names, strict=strict)
+    except (ValueError, KeyError) as e:
+        msg = str(e.args[0] if e.args else e)
+        raise ValueError(msg if msg.startswith(src) else f"{src}: {msg}") from e
+    save_state_dict(state, dst, wrap_model=target == "vlframe")
+    return unmapped
