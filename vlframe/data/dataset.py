@@ -39,7 +39,7 @@ class ImageTextDataset(Dataset):
     def __init__(self, *, region_store: str, text_store: str | Sequence[str], max_text_len: int = 60,
                  conf_threshold: float | None = 0.2, min_regions: int = 10, max_regions: int = 100,
                  fixed_regions: int | None = None, feat_dim: int | None = None,
-                 txt_ids: Sequence[str] | None = None):
+                 txt_ids: Sequence[str] | None = None, text_only: bool = False):
         if int(max_text_len) < 3:
             raise ValueError(f"image_text dataset: max_text_len must be >= 3 (CLS + 1 token + SEP), got {max_text_len}")
         self.max_text_len = int(max_text_len)
@@ -89,6 +89,10 @@ class ImageTextDataset(Dataset):
                            "truncated", ", ".join(paths), self.num_truncated, len(ids), self.max_text_len)
         per_image = {img: self.regions.num_regions(img) for img in set(img_ids)}
         self._region_len = np.array([per_image[img] for img in img_ids], dtype=np.int64)
+        # text_only: every example comes with zero regions (text-only MLM, the paper's Table 2 L2).
+        self.text_only = bool(text_only)
+        if self.text_only:
+            self._region_len[:] = 0
         special = first.special_ids
         self._cls, self._sep = int(special["cls"]), int(special["sep"])
 
@@ -142,6 +146,9 @@ class ImageTextDataset(Dataset):
 
     def image_example(self, img_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(img_feat float32 [K, D], img_pos float32 [K, 7], soft_labels float32 [K, C] or None)."""
+        if self.text_only:
+            c = self.regions.num_labels
+            return torch.zeros(0, self.feat_dim), torch.zeros(0, 7), None if c is None else torch.zeros(0, c)
         r = self.regions.get(img_id)
         feat = torch.from_numpy(r.features.astype(np.float32))
         pos = torch.from_numpy(np.array(r.boxes, dtype=np.float32))  # copy: store buffers are read-only
@@ -186,7 +193,8 @@ class SyntheticPairs(ImageTextDataset):
                  captions_per_image: int = 5, domains: Sequence[str] = ("in", "out"), out_fraction: float = 0.3,
                  regions_range: Sequence[int] = (10, 40), dup_prob: float = 0.5,
                  max_text_len: int = 60, conf_threshold: float | None = 0.2, min_regions: int = 10,
-                 max_regions: int = 100, fixed_regions: int | None = None, txt_ids: Sequence[str] | None = None):
+                 max_regions: int = 100, fixed_regions: int | None = None, txt_ids: Sequence[str] | None = None,
+                 text_only: bool = False):
         from vlframe.data.synthetic import ensure_world
 
         if split not in ("train", "val"):
@@ -206,7 +214,8 @@ class SyntheticPairs(ImageTextDataset):
         super().__init__(region_store=os.path.join(self.world_dir, "regions"),
                          text_store=[os.path.join(self.world_dir, "texts", f"{d}_{split}") for d in wanted],
                          max_text_len=max_text_len, conf_threshold=conf_threshold, min_regions=min_regions,
-                         max_regions=max_regions, fixed_regions=fixed_regions, feat_dim=feat_dim, txt_ids=txt_ids)
+                         max_regions=max_regions, fixed_regions=fixed_regions, feat_dim=feat_dim, txt_ids=txt_ids,
+                         text_only=text_only)
 
     def scenes(self) -> dict[str, dict[str, Any]]:
         """img_id -> hidden scene of this dataset's images (read from the world's scenes.jsonl)."""

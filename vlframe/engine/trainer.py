@@ -234,6 +234,9 @@ class Trainer:
             bar.close()
         if not os.path.isfile(self._ckpt_path()):  # e.g. max_steps=0 (the no-pretraining baseline)
             self.save()
+        if self.val_streams and not last_val:  # nothing trained in this call: still report
+            last_val = self.validate()
+            self._log(last_val)
         for h in self.hooks:
             h.after_train(self)
         if self._tb is not None:
