@@ -1,0 +1,153 @@
+"""Benchmark the OT solvers of UNITER's WRA on the CPU.
+
+Times, in ms over ``--repeats`` runs after warm-up (median and p90):
+  * forward+backward: cosine cost from word [B, N, D] and region [B, M, D] embeddings that
+    require grad, the solver, the distance, and backward through the distance;
+  * solver alone on a fixed cost.
+  * a plain baseline of the same IPOT (structured like the original code), same conditions.
+Also prints IPOT's relative gap to POT's exact ``emd2`` (if POT is installed). Other processes
+on the machine inflate the figures, 2-thread ones most (OpenMP threads wait for each other).
+
+    python benchmarks/bench_ot.py [--threads 2] [--batch 32] [--words 20] [--regions 36]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from vlframe.ot import IPOT, Sinkhorn, cosine_cost, ot_distance  # noqa: E402
+
+
+def timed(fn, repeats: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def plain_wra_distance(words, regions, mask_w, mask_r, beta=0.5, iterations=50):
+    """Baseline: the same IPOT written plainly (normalised embeddings, out-of-place ops,
+    [B,N,M] @ [B,M,1] products), structured like the original UNITER code, for comparing
+    under the same machine load."""
+    xn = torch.nn.functional.normalize(words, dim=-1, eps=1e-5)
+    yn = torch.nn.functional.normalize(regions, dim=-1, eps=1e-5)
+    joint = mask_w.unsqueeze(2) & mask_r.unsqueeze(1)
+    cost = (1 - xn.matmul(yn.transpose(1, 2))).masked_fill(~joint, 0)
+    with torch.no_grad():
+        b, n, m = cost.shape
+        n_len = mask_w.sum(1).float().view(b, 1, 1)
+        m_len = mask_r.sum(1).float().view(b, 1, 1)
+        kernel = torch.exp(-cost / beta) * joint
+        plan = joint.float()
+        sigma = (mask_w.float() / n_len.view(b, 1)).view(b, n, 1)
+        pad_w = (~mask_w).float().view(b, n, 1) * 1e4
+        pad_r = (~mask_r).float().view(b, 1, m) * 1e4
+        for _ in range(iterations):
+            q = kernel * plan
+            delta = 1 / (m_len * q.transpose(1, 2).matmul(sigma).view(b, 1, m) + pad_r)
+            sigma = 1 / (n_len * q.matmul(delta.view(b, m, 1)) + pad_w)
+            plan = sigma * q * delta
+    return (cost * plan).sum((1, 2))
+
+
+def make_problem(args, generator: torch.Generator):
+    b, n, m, dim = args.batch, args.words, args.regions, args.dim
+    words = torch.randn(b, n, dim, generator=generator, requires_grad=True)
+    regions = torch.randn(b, m, dim, generator=generator, requires_grad=True)
+    # realistic padding: every example keeps at least half of each side
+    n_valid = torch.randint(n // 2, n + 1, (b,), generator=generator)
+    m_valid = torch.randint(m // 2, m + 1, (b,), generator=generator)
+    mask_w = torch.arange(n) < n_valid[:, None]
+    mask_r = torch.arange(m) < m_valid[:, None]
+    return words, regions, mask_w, mask_r
+
+
+def emd_gap(cost: torch.Tensor, plan: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> list[float]:
+    import ot  # POT
+
+    gaps = []
+    dist = ot_distance(cost, plan)
+    for k in range(cost.shape[0]):
+        ia, ib = mask_a[k].nonzero().flatten(), mask_b[k].nonzero().flatten()
+        sub = cost[k][ia][:, ib].double().numpy()
+        exact = ot.emd2(ot.unif(len(ia)), ot.unif(len(ib)), sub)
+        gaps.append((float(dist[k]) - exact) / exact)
+    return gaps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--words", type=int, default=20)
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    words, regions, mask_w, mask_r = make_problem(args, g)
+    solvers = {
+        "ipot": IPOT(beta=0.5, iterations=args.iterations),
+        "sinkhorn": Sinkhorn(epsilon=0.1, iterations=args.iterations),
+    }
+    print(
+        f"B={args.batch} N={args.words} M={args.regions} D={args.dim} iterations={args.iterations} "
+        f"threads={torch.get_num_threads()} repeats={args.repeats} (ms: median / p90)"
+    )
+
+    def cost_only():
+        words.grad = regions.grad = None
+        ot_distance_sum = cosine_cost(words, regions, mask_w, mask_r).sum()
+        ot_distance_sum.backward()
+
+    med, p90 = timed(cost_only, args.repeats, args.warmup)
+    print(f"  {'cosine cost fwd+bwd (no solver)':34s} {med:7.2f} / {p90:7.2f}")
+    def plain_step():
+        words.grad = regions.grad = None
+        plain_wra_distance(words, regions, mask_w, mask_r, iterations=args.iterations).sum().backward()
+
+    med, p90 = timed(plain_step, args.repeats, args.warmup)
+    print(f"  {'plain IPOT baseline fwd+bwd':34s} {med:7.2f} / {p90:7.2f}")
+    fixed_cost = cosine_cost(words.detach(), regions.detach(), mask_w, mask_r)
+    for name, solver in solvers.items():
+
+        def step(solver=solver):
+            words.grad = regions.grad = None
+            cost = cosine_cost(words, regions, mask_w, mask_r)
+            ot_distance(cost, solver(cost, mask_w, mask_r)).sum().backward()
+
+        med, p90 = timed(step, args.repeats, args.warmup)
+        print(f"  {name + ' fwd+bwd (cost + solver + distance)':34s} {med:7.2f} / {p90:7.2f}")
+        med, p90 = timed(lambda solver=solver: solver(fixed_cost, mask_w, mask_r), args.repeats, args.warmup)
+        print(f"  {name + ' solver alone':34s} {med:7.2f} / {p90:7.2f}")
+    with torch.no_grad():  # the baseline computes the same distances
+        ours = ot_distance(fixed_cost, solvers["ipot"](fixed_cost, mask_w, mask_r))
+        gap = (plain_wra_distance(words, regions, mask_w, mask_r, iterations=args.iterations) - ours).abs().max()
+    print(f"  max |ipot - plain baseline| distance: {float(gap):.1e}")
+    try:
+        gaps = emd_gap(fixed_cost, solvers["ipot"](fixed_cost, mask_w, mask_r), mask_w, mask_r)
+    except ImportError:
+        print("  (POT not installed: no emd2 gap)")
+    else:
+        print(
+            f"  ipot vs exact emd2 relative gap: mean {100 * statistics.fmean(gaps):.3f}% "
+            f"max {100 * max(gaps):.3f}% min {100 * min(gaps):.3f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
