@@ -72,9 +72,10 @@ class TaskStream:
         shuffle: bool,
         num_workers: int,
         pin_memory: bool | None,
+        device: torch.device | str = "cpu",
         where: str = "data.sampler",
     ):
-        from vlframe.data.loader import build_loader
+        from vlframe.data.loader import DevicePrefetcher, build_loader
 
         self.sampler = build(
             sampler_cfg,
@@ -94,6 +95,8 @@ class TaskStream:
             pin_memory=pin_memory,
             seed=seed,
         )
+        # On CUDA the next batch is copied on a side stream while the current one trains.
+        self.batches = DevicePrefetcher(self.loader, device)
         self.epoch = 0
         self.consumed = 0  # batches of this epoch handed to the trainer
         self._it = None
@@ -104,14 +107,14 @@ class TaskStream:
     def next(self):
         if self._it is None:
             self.sampler.set_epoch(self.epoch)
-            self._it = iter(self.loader)
+            self._it = iter(self.batches)
         try:
             batch = next(self._it)
         except StopIteration:
             self.epoch += 1
             self.consumed = 0
             self.sampler.set_epoch(self.epoch)
-            self._it = iter(self.loader)
+            self._it = iter(self.batches)
             batch = next(self._it)
         self.consumed += 1
         return batch
@@ -119,7 +122,7 @@ class TaskStream:
     def epoch_batches(self):
         """One full pass in sampler order (validation)."""
         self.sampler.set_epoch(0)
-        yield from self.loader
+        yield from self.batches
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -128,4 +131,4 @@ class TaskStream:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.sampler.set_epoch(self.epoch)
         self.sampler.load_state_dict({"epoch": self.epoch, "batches_done": self.consumed, "seed": self.sampler.seed})
-        self._it = iter(self.loader)  # the sampler skips the consumed batches
+        self._it = iter(self.batches)  # the sampler skips the consumed batches

@@ -135,6 +135,7 @@ class Trainer:
                 shuffle=True,
                 num_workers=int(cfg.data.num_workers),
                 pin_memory=cfg.data.get("pin_memory"),
+                device=self.device,
             )
             for i, (name, task) in enumerate(tasks.items())
         }
@@ -145,6 +146,7 @@ class Trainer:
                 name: TaskStream(
                     dataset=self.val_set, task=task, sampler_cfg=val_sampler, seed=int(cfg.seed) + 7,
                     shuffle=False, num_workers=int(cfg.data.num_workers), pin_memory=cfg.data.get("pin_memory"),
+                    device=self.device,
                 )
                 for name, task in tasks.items()
             }

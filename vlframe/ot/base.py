@@ -3,8 +3,10 @@
 ``plan = solver(cost, mask_a, mask_b)``: cost [B, N, M] (any float dtype), boolean validity masks
 [B, N] and [B, M] (True = real entry; None = all real). The plan is fp32 [B, N, M] whatever the
 cost's dtype (so ``ot_distance`` accumulates in fp32 under AMP), has uniform marginals over the
-valid entries (1/n_valid per row, 1/m_valid per column) and is exactly 0 on padded rows and
+valid entries (1/n_valid per row, 1/m_valid per column; to float precision for exact OT and
+IPOT's default, to the solver's convergence otherwise) and is exactly 0 on padded rows and
 columns. An example with no valid entry on a side gets an all-zero plan (distance 0).
+:func:`round_to_marginals` makes any nonnegative plan exactly feasible.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 
 from vlframe.ot.cost import check_problem
 
-__all__ = ["OTSolver"]
+__all__ = ["OTSolver", "round_to_marginals"]
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class OTSolver(ABC):
@@ -41,6 +45,30 @@ class OTSolver(ABC):
         return f"{type(self).__name__}({args})"
 
 
+@torch.no_grad()
+def round_to_marginals(plan: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Round a nonnegative plan [B, N, M] onto the transport polytope of r [B, N], c [B, M], in place.
+
+    Algorithm 2 of Altschuler, Weed & Rigollet (NeurIPS 2017): scale rows down so that row sums
+    are <= r, then columns down so that column sums are <= c, then add the rank-one correction
+    ``err_r err_c^T / ||err_r||_1``. The result has row sums r and column sums c (up to float
+    rounding) and moves at most ``2 (||r(P) - r||_1 + ||c(P) - c||_1)`` of mass. Padding
+    (r = 0 or c = 0) stays exactly 0: its scale factor and its errors are 0. Needs
+    ``sum(r) == sum(c)`` per example; an example whose r is all 0 keeps an all-zero plan.
+    """
+    row = plan.sum(2)
+    plan.mul_(r.div(row.clamp_min_(_TINY)).clamp_max_(1.0).unsqueeze(2))
+    col = plan.sum(1)
+    plan.mul_(c.div(col.clamp_min_(_TINY)).clamp_max_(1.0).unsqueeze(1))
+    # both errors are >= 0 in exact arithmetic; the clamp drops float noise so the plan stays >= 0
+    err_r = torch.sub(r, plan.sum(2)).clamp_min_(0.0)
+    err_c = torch.sub(c, plan.sum(1)).clamp_min_(0.0)
+    # normalise err_r (entries in [0, 1]) rather than err_c / ||err_r||, which overflows when
+    # ||err_r|| rounds to 0 while err_c holds float noise
+    err_r.div_(err_r.sum(1, keepdim=True).clamp_min_(_TINY))
+    return plan.baddbmm_(err_r.unsqueeze(2), err_c.unsqueeze(1))
+
+
 def check_positive(value: float, key: str, who: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{who}: {key} must be a positive number, got {value!r}")
@@ -50,4 +78,10 @@ def check_positive(value: float, key: str, who: str) -> float:
 def check_count(value: int, key: str, who: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{who}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_flag(value: bool, key: str, who: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{who}: {key} must be true or false, got {value!r}")
     return value
