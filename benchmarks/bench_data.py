@@ -2,18 +2,29 @@
 
 (a) Budget use and padding of TokenBudgetSampler next to a simulation of the original UNITER
     sampler, on COCO-like lengths (text 8-60 tokens, regions 10-100).
-(b) Examples per second one loader process reads from an LMDB region store (RegionStore.get +
-    building Examples), in the main process (num_workers=0) and through one worker
-    (num_workers=1, timed in the main process, collate included).
-(c) Peak memory of that reading process (it runs in a fresh subprocess so the writing phase and
-    the benchmark harness do not count).
+(b) Examples per second read from an LMDB region store (36-100 regions x 2048 fp16 features,
+    1601-class fp16 soft labels by default) + a text store, through the real read path
+    (ImageTextDataset -> collate -> VLBatch.to):
+      - main process: ``dataset[i]`` alone, then dataset + collate into float32 batches;
+      - one DataLoader worker (num_workers=1), timed in the main process up to a float32 batch
+        (``batch.to("cpu")``), with the worker collating to float32 (what a plain ``collate``
+        does) and keeping fp16 (``collate_keeps_fp16``: half the bytes cross the process
+        boundary, ``.to`` makes them float32 on the target device).
+    Each is run with the soft labels read and with ``soft_labels=False`` (tasks other than MRC).
+    Wall-clock figures depend on what else the machine runs; "per CPU-second" figures divide by
+    the CPU time of the process doing the reading (the worker's, for num_workers=1), which is
+    what one loader core sustains.
+(c) Peak memory of that reading process and of its worker (a fresh subprocess, so the writing
+    phase and the harness do not count); file-backed RSS is LMDB's memory map (page cache).
 
     python benchmarks/bench_data.py                 # everything
     python benchmarks/bench_data.py --skip-store    # (a) only
+    python benchmarks/bench_data.py --images 1000 --num-labels 0
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -21,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 
@@ -62,19 +72,23 @@ def bench_sampler(n: int, budget: int, seed: int) -> None:
     print("    budget use = real units / (batches * budget); padding = padded cells that are padding / all padded cells")
 
 
-def write_store(path: str, n_images: int, feat_dim: int, num_labels: int, seed: int) -> float:
-    from vlframe.data.stores import RegionStoreWriter
+def write_stores(root: str, n_images: int, feat_dim: int, num_labels: int, seed: int) -> float:
+    """A region store and a text store (one 8-60 token caption per image) under ``root``."""
+    from vlframe.data.stores import RegionStoreWriter, TextStoreWriter
 
     rng = np.random.default_rng(seed)
+    special = {"cls": 101, "sep": 102, "mask": 103, "pad": 0, "unk": 100}
     t0 = time.perf_counter()
-    with RegionStoreWriter(path, feat_dim=feat_dim, num_labels=num_labels or None) as w:
+    with RegionStoreWriter(os.path.join(root, "regions"), feat_dim=feat_dim, num_labels=num_labels or None) as w, \
+            TextStoreWriter(os.path.join(root, "texts"), tokenizer_name="bert-base-uncased", special_ids=special,
+                            vocab_size=30522) as tw:
         for i in range(n_images):
             k = int(rng.integers(36, 101))
             xy = rng.random((k, 2), dtype=np.float32) * 0.5
             wh = rng.random((k, 2), dtype=np.float32) * 0.5 + 0.01
             soft = None
             if num_labels:
-                soft = rng.random((k, num_labels), dtype=np.float32)
+                soft = rng.random((k, num_labels), dtype=np.float32).astype(np.float16)
                 soft /= soft.sum(1, keepdims=True)
             w.add(
                 f"img{i:06d}",
@@ -85,140 +99,176 @@ def write_store(path: str, n_images: int, feat_dim: int, num_labels: int, seed: 
                 width=640,
                 height=480,
             )
+            tw.add(f"t{i:06d}", token_ids=rng.integers(1000, 30000, int(rng.integers(8, 61))), img_id=f"img{i:06d}")
     return time.perf_counter() - t0
 
 
-def _memory() -> dict[str, float]:
-    out = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def _memory(pid: int | str = "self") -> dict[str, float]:
+    """MiB from /proc/PID/status: VmHWM (peak RSS of this process image; ru_maxrss would carry
+    the pre-exec parent's), RssAnon (heap), RssFile (mapped files: LMDB), RssShmem (batches in
+    shared memory)."""
+    out: dict[str, float] = {}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, val = line.partition(":")
-                if key in ("VmHWM", "RssAnon", "RssFile"):
+                if key in ("VmHWM", "RssAnon", "RssFile", "RssShmem"):
                     out[key] = int(val.split()[0]) / 1024
     except OSError:
         pass
     return out
 
 
-def read_store(path: str, budget: int, seed: int) -> dict:
-    """Runs in a fresh process: read every image of the store through the loader path."""
+def _max_memory(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class _Collate:
+    """A picklable collate_fn; ``keep_fp16`` as a DataLoader worker would run it."""
+
+    def __init__(self, keep_fp16: bool):
+        self.keep_fp16 = keep_fp16
+
+    def __call__(self, examples):
+        from vlframe.data.batch import collate, collate_keeps_fp16
+
+        with collate_keeps_fp16(self.keep_fp16):
+            return collate(examples)
+
+
+def read_store(root: str, budget: int, seed: int) -> dict:
+    """Runs in a fresh process: read every example of the stores through the loader path."""
     import torch
 
-    from vlframe.data.batch import Example, collate
+    from vlframe.data.batch import collate
+    from vlframe.data.dataset import ImageTextDataset
     from vlframe.data.loader import build_loader
     from vlframe.data.sampler import TokenBudgetSampler
-    from vlframe.data.stores import RegionStore
 
     torch.set_num_threads(1)
-    # Records decode into read-only numpy views of the LMDB value; every tensor is copied at once.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    base = _memory()
+    out: dict = {"mem_base": _memory()}
+    for soft in (True, False):
+        tag = "soft" if soft else "nosoft"
+        # All 36-100 stored regions; the store reopens its LMDB handle in the worker process.
+        ds = ImageTextDataset(region_store=os.path.join(root, "regions"), text_store=os.path.join(root, "texts"),
+                              conf_threshold=None, max_regions=100, soft_labels=soft)
+        n = len(ds)
+        out["examples"] = n
+        ds[0]  # open the LMDB environments outside the timings
 
-    class StoreDataset(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            # All 36-100 stored regions. The store reopens its LMDB handle in each worker process.
-            self.store = RegionStore(path, conf_threshold=None)
-            ids = sorted(self.store.ids())
-            rng = np.random.default_rng(seed)
-            self.img_ids = ids
-            self.texts = [rng.integers(1000, 30000, int(rng.integers(8, 61))) for _ in ids]
+        # Main process, no collate: dataset[i] in a random order (no page-cache luck).
+        order = np.random.default_rng(seed).permutation(n)
+        t0, c0 = time.perf_counter(), time.process_time()
+        units = 0
+        for i in order:
+            units += ds[int(i)].num_units
+        out[f"{tag}_get_per_s"] = n / (time.perf_counter() - t0)
+        out[f"{tag}_get_per_cpu_s"] = n / (time.process_time() - c0)
 
-        def __len__(self) -> int:
-            return len(self.img_ids)
+        def sampler() -> TokenBudgetSampler:
+            # collate pads text and regions separately: the two-part cost is the collated size.
+            return TokenBudgetSampler(text_lengths=ds.text_lengths(), region_lengths=ds.region_lengths(),
+                                      budget=budget, bucket_size=8192, seed=seed)
 
-        def __getitem__(self, i: int) -> Example:
-            rec = self.store.get(self.img_ids[i])
-            ids = np.concatenate([[101], self.texts[i], [102]])
-            return Example(
-                txt_id=f"t{i}",
-                img_id=rec.img_id,
-                input_ids=torch.from_numpy(ids),
-                # torch's fp16 -> fp32 cast is ~2.5x faster than numpy's astype; it is the one copy.
-                img_feat=torch.from_numpy(rec.features).float(),
-                img_pos=torch.from_numpy(rec.boxes).clone(),
-                soft_labels=None if rec.soft_labels is None else torch.from_numpy(rec.soft_labels).float(),
-            )
-
-    ds = StoreDataset()
-    n = len(ds)
-    out: dict = {"images": n}
-
-    # Main process, no collate: RegionStore.get + Example, in a random order (no page-cache luck).
-    order = np.random.default_rng(seed).permutation(n)
-    t0, c0 = time.perf_counter(), time.process_time()
-    units = 0
-    for i in order:
-        units += ds[int(i)].num_units
-    out["main_get_example_per_s"] = n / (time.perf_counter() - t0)
-    # Per CPU-second too: on a shared machine wall time also counts other processes' turns.
-    out["main_get_example_per_cpu_s"] = n / (time.process_time() - c0)
-    out["mem_after_main"] = _memory()
-
-    store = ds.store
-    text_lengths = [len(t) + 2 for t in ds.texts]
-    region_lengths = store.num_regions_array(ds.img_ids)
-    t0 = time.perf_counter()
-    _ = [store.num_regions(i) for i in ds.img_ids]
-    out["num_regions_per_s"] = n / (time.perf_counter() - t0)
-    for workers in (0, 1):
-        # collate pads text and regions separately: the two-part cost is the collated size.
-        sampler = TokenBudgetSampler(text_lengths=text_lengths, region_lengths=region_lengths, budget=budget,
-                                     bucket_size=8192, seed=seed)
-        loader = build_loader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers, seed=seed)
+        # Main process, dataset + collate into float32 batches.
         t0, c0 = time.perf_counter(), time.process_time()
         seen = 0
-        for batch in loader:
+        for idx in sampler():
+            batch = collate([ds[i] for i in idx])
             seen += batch.size
-        assert seen == n
-        out[f"loader_w{workers}_per_s"] = n / (time.perf_counter() - t0)
-        out[f"loader_w{workers}_per_cpu_s"] = n / (time.process_time() - c0)  # main process CPU only
-        out[f"batches_w{workers}"] = len(sampler)
-    out["mem_base"] = base
-    out["mem_end"] = _memory()
-    out["worker_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        assert seen == n and batch.img_feat.dtype == torch.float32
+        out[f"{tag}_main_collate_per_s"] = n / (time.perf_counter() - t0)
+        out[f"{tag}_main_collate_per_cpu_s"] = n / (time.process_time() - c0)
+        out["batches"] = len(sampler())
+
+        for keep in (False, True):
+            name = f"{tag}_w1_{'fp16' if keep else 'fp32'}"
+            loader = build_loader(ds, batch_sampler=sampler(), collate_fn=_Collate(keep), num_workers=1, seed=seed)
+            w0 = _children_cpu()
+            t0, c0 = time.perf_counter(), time.process_time()
+            seen = 0
+            it = iter(loader)
+            worker_pid = it._workers[0].pid  # private, benchmark only: to read the worker's /proc
+            worker_mem: dict[str, float] = {}
+            for batch in it:
+                worker_mem = _max_memory(worker_mem, _memory(worker_pid))
+                batch = batch.to("cpu")  # what the trainer does: fp16 -> float32 happens here
+                seen += batch.size
+            assert seen == n and batch.img_feat.dtype == torch.float32
+            out[f"{name}_per_s"] = n / (time.perf_counter() - t0)
+            out[f"{name}_main_cpu_per_s"] = n / (time.process_time() - c0)
+            del it, loader
+            out[f"{name}_worker_per_cpu_s"] = n / max(_children_cpu() - w0, 1e-9)
+            out[f"{name}_worker_mem"] = worker_mem
+        out[f"mem_after_{tag}"] = _memory()
     return out
 
 
-def bench_store(n_images: int, feat_dim: int, num_labels: int, budget: int, seed: int) -> None:
+def bench_store(n_images: int, feat_dim: int, num_labels: int, budget: int, seed: int, thp: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="vlframe_bench_") as tmp:
-        path = os.path.join(tmp, "regions.lmdb")
-        secs = write_store(path, n_images, feat_dim, num_labels, seed)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else os.path.getsize(path)
+        secs = write_stores(tmp, n_images, feat_dim, num_labels, seed)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
         print(f"\n(b) region store: {n_images} images x 36-100 regions x {feat_dim} fp16"
-              f"{f' + {num_labels} soft labels' if num_labels else ''}; written in {secs:.1f} s "
-              f"({n_images / secs:.0f} img/s), {size / 2**20:.0f} MiB on disk")
+              f"{f' + {num_labels} fp16 soft labels' if num_labels else ''}, one 8-60 token text each; "
+              f"written in {secs:.1f} s ({n_images / secs:.0f} img/s), {size / 2**20:.0f} MiB on disk")
+        with contextlib.suppress(OSError):
+            print(f"    load average before reading: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
+        env = dict(os.environ)
+        if thp:
+            # torch's CPU allocator then backs blocks >= 2 MB with transparent huge pages: a fresh
+            # float32 batch faults in 512x fewer pages (read once, at the first allocation).
+            env["THP_MEM_ALLOC_ENABLE"] = "1"
+        print(f"    reader: THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
         proc = subprocess.run(
-            [sys.executable, __file__, "--_read", path, "--budget", str(budget), "--seed", str(seed)],
-            capture_output=True, text=True, check=False,
+            [sys.executable, __file__, "--_read", tmp, "--budget", str(budget), "--seed", str(seed)],
+            capture_output=True, text=True, check=False, env=env,
         )
         if proc.returncode:
             raise SystemExit(f"reader subprocess failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"    main process, RegionStore.get + Example (random order): {r['main_get_example_per_s']:8.0f} examples/s  "
-          f"({r['main_get_example_per_cpu_s']:.0f} per CPU-second; target >= 2000)")
-    print(f"    RegionStore.num_regions (sampler lengths):               {r['num_regions_per_s']:8.0f} images/s")
-    print(f"    build_loader num_workers=0 (main process, + collate):    {r['loader_w0_per_s']:8.0f} examples/s  "
-          f"({r['loader_w0_per_cpu_s']:.0f} per CPU-second; {r['batches_w0']} batches)")
-    print(f"    build_loader num_workers=1 (one worker, + collate):      {r['loader_w1_per_s']:8.0f} examples/s")
-    m0, m1, me = r["mem_base"], r["mem_after_main"], r["mem_end"]
-    print("\n(c) memory of the reading process (fresh subprocess, MiB)")
-    print(f"    after imports:               RSS peak {m0['ru_maxrss_mb']:7.0f}   anon {m0.get('RssAnon', float('nan')):7.0f}   file {m0.get('RssFile', float('nan')):7.0f}")
-    print(f"    after main-process reading:  RSS peak {m1['ru_maxrss_mb']:7.0f}   anon {m1.get('RssAnon', float('nan')):7.0f}   file {m1.get('RssFile', float('nan')):7.0f}")
-    print(f"    after both loaders:          RSS peak {me['ru_maxrss_mb']:7.0f}   anon {me.get('RssAnon', float('nan')):7.0f}   file {me.get('RssFile', float('nan')):7.0f}")
-    print(f"    the num_workers=1 worker:    RSS peak {r['worker_maxrss_mb']:7.0f}")
-    print("    (file-backed RSS is LMDB's memory map: page cache shared with the OS, not heap)")
+    print(f"    {r['examples']} examples, {r['batches']} token-budget batches of <= {budget} units; examples/s "
+          f"(wall) and per CPU-second of the reading process; target >= 2000 per loader core")
+    for tag, what in (("soft", "soft labels read (MRC tasks)"), ("nosoft", "soft_labels=False")):
+        if tag == "soft" and not num_labels:
+            continue
+        print(f"    -- {what}")
+        print(f"    main process, dataset[i] (random order):         {r[f'{tag}_get_per_s']:7.0f} /s   "
+              f"{r[f'{tag}_get_per_cpu_s']:7.0f} per CPU-s")
+        print(f"    main process, dataset + collate -> float32:      {r[f'{tag}_main_collate_per_s']:7.0f} /s   "
+              f"{r[f'{tag}_main_collate_per_cpu_s']:7.0f} per CPU-s")
+        for prec, how in (("fp32", "worker collates float32"), ("fp16", "worker keeps fp16, .to() -> f32")):
+            k = f"{tag}_w1_{prec}"
+            print(f"    num_workers=1, {how:33s} {r[f'{k}_per_s']:7.0f} /s   "
+                  f"{r[f'{k}_worker_per_cpu_s']:7.0f} per worker CPU-s, {r[f'{k}_main_cpu_per_s']:7.0f} per main CPU-s")
+    print("\n(c) memory (MiB; peak = VmHWM, the rest as last sampled; file = LMDB's memory map, i.e. page cache\n"
+          "    shared with the OS and other readers, not heap; shmem = batches in shared memory)")
+
+    def row(name: str, m: dict[str, float]) -> None:
+        print(f"    {name:48s} peak {m.get('VmHWM', float('nan')):6.0f}  anon {m.get('RssAnon', float('nan')):6.0f}  "
+              f"file {m.get('RssFile', float('nan')):6.0f}  shmem {m.get('RssShmem', float('nan')):5.0f}")
+
+    row("reader, after imports", r["mem_base"])
+    for tag in (("soft", "nosoft") if num_labels else ("nosoft",)):
+        row(f"reader, after the {'soft-label' if tag == 'soft' else 'soft_labels=False'} runs", r[f"mem_after_{tag}"])
+        for prec in ("fp32", "fp16"):
+            row(f"  its num_workers=1 worker ({prec} collate, peak)", r[f"{tag}_w1_{prec}_worker_mem"])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=50_000, help="examples for (a)")
     p.add_argument("--budget", type=int, default=10240)
-    p.add_argument("--images", type=int, default=3000, help="images in the store for (b)/(c)")
+    p.add_argument("--images", type=int, default=2000, help="images in the store for (b)/(c)")
     p.add_argument("--feat-dim", type=int, default=2048)
-    p.add_argument("--num-labels", type=int, default=0, help="soft-label classes to store (0: none)")
+    p.add_argument("--num-labels", type=int, default=1601, help="soft-label classes to store (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-store", action="store_true", help="run (a) only")
+    p.add_argument("--thp", action="store_true", help="run the reader with THP_MEM_ALLOC_ENABLE=1 (huge pages)")
     p.add_argument("--_read", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._read:
@@ -226,7 +276,7 @@ def main() -> None:
         return
     bench_sampler(a.examples, a.budget, a.seed)
     if not a.skip_store:
-        bench_store(a.images, a.feat_dim, a.num_labels, a.budget, a.seed)
+        bench_store(a.images, a.feat_dim, a.num_labels, a.budget, a.seed, a.thp)
 
 
 if __name__ == "__main__":

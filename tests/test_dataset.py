@@ -1,4 +1,7 @@
+import dataclasses
+import json
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -14,6 +17,10 @@ from vlframe.registry import DATASETS, build
 D, C = 6, 4
 SPECIAL = {"cls": 101, "sep": 102, "mask": 103, "pad": 0, "unk": 100}
 TINY_WORLD = dict(seed=1, num_images=24, feat_dim=16, captions_per_image=2)
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                        "fixtures", "uniter_db_sample")
+NPZ = os.path.join(FIXTURES, "npz")
+NBB = os.path.join(FIXTURES, "img_db", "fake", "nbb_th0.2_max100_min10.json")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +65,10 @@ def test_examples(stores, caplog):
         expected = [101] + ids[:18] + [102]
         assert ex.input_ids.tolist() == expected
         k = store.num_regions(img)
-        assert ex.img_feat.shape == (k, D) and ex.img_feat.dtype == torch.float32
-        assert ex.img_pos.shape == (k, 7) and ex.soft_labels.shape == (k, C)
+        # fp16 as stored, straight from the record; collate makes them float32
+        assert ex.img_feat.shape == (k, D) and ex.img_feat.dtype == torch.float16
+        assert ex.img_pos.shape == (k, 7) and ex.img_pos.dtype == torch.float32
+        assert ex.soft_labels.shape == (k, C) and ex.soft_labels.dtype == torch.float16
         order = np.argsort(-images[img]["conf"], kind="stable")[:k]
         np.testing.assert_array_equal(ex.img_feat.numpy(), images[img]["features"][order].astype(np.float16))
         np.testing.assert_allclose(ex.img_pos.numpy(), box7(images[img]["boxes"])[order], rtol=1e-6)
@@ -148,3 +157,90 @@ def test_synthetic_pairs(tmp_path):
         SyntheticPairs(cache_dir=cache, split="test", **TINY_WORLD)
     with pytest.raises(ValueError, match=r"generated with domains=\['in'\]"):
         SyntheticPairs(cache_dir=cache, domain="out", domains=("in",), **TINY_WORLD)
+
+
+def _keep_fp16_collate(examples):
+    from vlframe.data.batch import collate_keeps_fp16
+
+    with collate_keeps_fp16():
+        return collate(examples)
+
+
+def test_collate_precision_and_to(stores):
+    root, images, _ = stores
+    ds = _ds(root)
+    exs = [ds[i] for i in range(len(ds))]
+    b32 = collate(exs)
+    assert b32.img_feat.dtype == b32.soft_labels.dtype == b32.img_pos.dtype == torch.float32
+    for i, e in enumerate(exs):  # one exact copy of the stored fp16 values, zero padding after
+        k = e.img_feat.shape[0]
+        assert torch.equal(b32.img_feat[i, :k], e.img_feat.float()) and not b32.img_feat[i, k:].any()
+        assert torch.equal(b32.soft_labels[i, :k], e.soft_labels.float()) and not b32.soft_labels[i, k:].any()
+        assert torch.equal(b32.img_pos[i, :k], e.img_pos) and not b32.img_pos[i, k:].any()
+    b16 = collate(exs, keep_fp16=True)
+    assert b16.img_feat.dtype == b16.soft_labels.dtype == torch.float16 and b16.img_pos.dtype == torch.float32
+    assert _keep_fp16_collate(exs).img_feat.dtype == torch.float16 and collate(exs).img_feat.dtype == torch.float32
+    moved = b16.to("cpu")  # fp16 travels, float32 arrives
+    assert moved.img_feat.dtype == moved.soft_labels.dtype == torch.float32
+    for name in ("input_ids", "text_mask", "img_feat", "img_pos", "img_mask", "soft_labels"):
+        assert torch.equal(getattr(moved, name), getattr(b32, name)), name
+    assert b32.to("cpu").img_feat is b32.img_feat  # float32 on its device: no copy
+    # mixed precision examples are promoted, never silently narrowed
+    mixed = [exs[0], dataclasses.replace(exs[1], img_feat=exs[1].img_feat.float())]
+    assert collate(mixed, keep_fp16=True).img_feat.dtype == torch.float32
+
+
+def test_worker_batches_in_fp16_equal_main_process(stores):
+    root, _, _ = stores
+    ds = _ds(root)
+    main = [collate([ds[i] for i in idx]) for idx in ([0, 1], [2, 3])]
+    loader = DataLoader(ds, batch_sampler=[[0, 1], [2, 3]], num_workers=1, collate_fn=_keep_fp16_collate)
+    got = list(loader)
+    assert [b.img_feat.dtype for b in got] == [torch.float16] * 2
+    for a, b in zip(main, got):
+        b = b.to("cpu")
+        assert b.txt_ids == a.txt_ids
+        for name in ("input_ids", "img_feat", "img_pos", "img_mask", "soft_labels"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_soft_labels_not_read(stores):
+    root, _, _ = stores
+    ds = _ds(root, soft_labels=False)
+    ex = ds[1]
+    assert ex.soft_labels is None and torch.equal(ex.img_feat, _ds(root)[1].img_feat)
+    assert collate([ds[i] for i in range(len(ds))]).soft_labels is None
+    assert ds.num_labels == C  # the store still says what it holds
+    full = [_ds(root)[i] for i in range(len(ds))]
+    lean = collate(full, soft_labels=False)  # a task that does not use them leaves them out
+    assert lean.soft_labels is None and torch.equal(lean.img_feat, collate(full).img_feat)
+
+
+@pytest.mark.skipif(not os.path.isdir(NPZ), reason="shared fixtures absent")
+def test_original_uniter_features_pass_unchanged(tmp_path):
+    """Detector dumps written by the original UNITER code: the fp16 features and soft labels reach
+    the Example bit for bit, K follows the original nbb file, and collate makes exact float32."""
+    from vlframe.data.importers.features import import_npz_dir
+
+    import_npz_dir(NPZ, tmp_path / "regions")
+    names = sorted(os.listdir(NPZ))
+    with TextStoreWriter(tmp_path / "texts", tokenizer_name="bert-base-cased", special_ids=SPECIAL,
+                         vocab_size=1000) as w:
+        for i, name in enumerate(names):
+            w.add(f"t{i}", token_ids=[5 + i, 6], img_id=name)
+    with open(NBB) as f:
+        nbb = json.load(f)
+    ds = ImageTextDataset(region_store=str(tmp_path / "regions"), text_store=str(tmp_path / "texts"),
+                          conf_threshold=0.2, min_regions=10, max_regions=100)
+    ref = [np.load(os.path.join(NPZ, n)) for n in names]
+    exs = [ds[i] for i in range(len(ds))]
+    for e, r, name in zip(exs, ref, names):
+        k = nbb[name]
+        assert e.img_feat.dtype == torch.float16 and e.img_feat.shape == (k, 2048)
+        np.testing.assert_array_equal(e.img_feat.numpy(), r["features"][:k])
+        np.testing.assert_array_equal(e.soft_labels.numpy(), r["soft_labels"][:k])
+    batch = collate(exs)
+    for i, (e, r, name) in enumerate(zip(exs, ref, names)):
+        k = nbb[name]
+        np.testing.assert_array_equal(batch.img_feat[i, :k].numpy(), r["features"][:k].astype(np.float32))
+        np.testing.assert_array_equal(batch.soft_labels[i, :k].numpy(), r["soft_labels"][:k].astype(np.float32))

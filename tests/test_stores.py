@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from vlframe.data.stores import (
+    DataQualityError,
     RegionStore,
     RegionStoreWriter,
     TextStore,
     TextStoreWriter,
+    all_finite,
     box7,
 )
 
@@ -178,6 +180,7 @@ def test_region_corrupt_record(region_store):
         with pytest.raises(ValueError, match=what) as e:
             s.get(img_id)
         assert str(path) in str(e.value) and repr(img_id) in str(e.value)
+        assert isinstance(e.value, DataQualityError) == (img_id == "img0")
 
 
 def _text_store(path, **kw):
@@ -246,3 +249,30 @@ def test_text_corrupt_record(tmp_path):
     with pytest.raises(ValueError, match=r"txt_id 't0': corrupt record") as e:
         TextStore(path).get("t0")
     assert os.fspath(path) in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_matches_numpy(dtype):
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, info.max, -info.max, info.tiny, info.smallest_subnormal, np.inf, -np.inf, np.nan,
+                        -np.nan], dtype=dtype)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = rng.normal(scale=10.0, size=(int(rng.integers(0, 6)), 7)).astype(dtype)
+        if a.size and rng.random() < 0.5:
+            a.flat[rng.integers(a.size)] = special[rng.integers(len(special))]
+        assert all_finite(a) == bool(np.isfinite(a).all())
+        assert all_finite(a[:2]) == bool(np.isfinite(a[:2]).all())
+    assert all_finite(special[:6]) and not any(all_finite(special[i:i + 1]) for i in range(6, 10))
+    assert not all_finite(np.array([[1.0, np.nan]], np.float64)[:, ::-1])  # other dtypes/layouts: numpy
+
+
+def test_region_get_without_soft_labels(region_store):
+    path, images = region_store
+    s = RegionStore(path, conf_threshold=None)
+    full, lean = s.get("img1"), s.get("img1", soft_labels=False)
+    assert lean.soft_labels is None and full.soft_labels.shape == (12, C)
+    np.testing.assert_array_equal(lean.features, full.features)
+    assert not lean.features.flags.writeable  # a view of the record, not a copy
+    assert [s.num_stored(i) for i in images] == [3, 12, 30]
+    assert RegionStore(path, fixed_regions=2).num_stored("img2") == 30

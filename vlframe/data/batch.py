@@ -3,24 +3,63 @@
 An :class:`Example` is one text paired with one image's regions, as a dataset returns it.
 :func:`collate` pads a list of them into a :class:`VLBatch`. Tasks add their inputs and targets
 (masked ids, labels, negatives) into ``VLBatch.targets`` and may replace ``input_ids``/``img_feat``.
+
+Precision on the way to the model. Region features (and detector soft labels) are stored fp16
+and stay fp16 from the store through :class:`Example` (read-only views of the record, no copy).
+:func:`collate` makes the one copy, into the padded batch, and converts to float32 there - unless
+it keeps fp16 (``keep_fp16=True``, or inside :func:`collate_keeps_fp16`): a batch that crosses a
+process boundary (DataLoader worker -> trainer) or the PCIe bus then moves half the bytes, and
+:meth:`VLBatch.to` converts fp16 ``img_feat``/``soft_labels`` to float32 *on the target device*.
+Either way a batch reaches the model as float32 once it went through ``.to(device)``, which the
+trainer (``DevicePrefetcher``) always does. Inside a DataLoader worker the padded tensors are
+allocated in shared memory, so handing them to the main process copies nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import get_worker_info
+
+__all__ = ["Example", "VLBatch", "pad_stack", "collate", "collate_keeps_fp16"]
+
+# Fields that may travel fp16 and are made float32 by VLBatch.to on the target device.
+_HALF_FIELDS = ("img_feat", "soft_labels")
+_KEEP_FP16: contextvars.ContextVar[bool] = contextvars.ContextVar("vlframe_collate_keep_fp16", default=False)
+
+
+@contextlib.contextmanager
+def collate_keeps_fp16(enabled: bool = True) -> Iterator[None]:
+    """Within this block :func:`collate` (and every task collate built on it) keeps fp16
+    ``img_feat``/``soft_labels`` fp16. Meant around the collate of a loader whose batches always
+    go through ``VLBatch.to(device)`` before use (the trainer's)::
+
+        with collate_keeps_fp16():
+            batch = task.collate(examples, generator=g, dataset=ds)
+    """
+    token = _KEEP_FP16.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _KEEP_FP16.reset(token)
 
 
 @dataclass
 class Example:
+    """One text + one image's regions. Datasets hand out the store's arrays without copying them
+    (fp16 features, read-only); :func:`collate` is where they are copied and made float32."""
+
     txt_id: str
     img_id: str
     input_ids: torch.Tensor  # [T] long, with [CLS] ... [SEP]
-    img_feat: torch.Tensor  # [K, D] float32 (stored fp16)
-    img_pos: torch.Tensor  # [K, 7] float32: x1, y1, x2, y2, w, h, w*h (normalised)
-    soft_labels: torch.Tensor | None = None  # [K, C] detector class distribution, C includes background 0
+    img_feat: torch.Tensor  # [K, D] fp16 as stored (or float32); may be a read-only view: never modify in place
+    img_pos: torch.Tensor  # [K, 7] float32: x1, y1, x2, y2, w, h, w*h (normalised); may be read-only too
+    soft_labels: torch.Tensor | None = None  # [K, C] fp16/fp32 detector class distribution, background at 0
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific fields (answers, labels, ...)
 
     @property
@@ -52,6 +91,10 @@ class VLBatch:
         return int(self.text_mask.sum() + self.img_mask.sum())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
+        """Move every tensor to ``device``; fp16 ``img_feat``/``soft_labels`` (a batch collated
+        with ``keep_fp16``) are moved first and made float32 there, so the copy is half-size and
+        the model always sees float32 regions."""
+
         def move(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
                 return x.to(device, non_blocking=non_blocking)
@@ -61,7 +104,12 @@ class VLBatch:
                 return type(x)(move(v) for v in x)
             return x
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        moved = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for name in _HALF_FIELDS:
+            x = moved[name]
+            if isinstance(x, torch.Tensor) and x.dtype == torch.float16:
+                moved[name] = x.float()
+        return dataclasses.replace(self, **moved)
 
     def pin_memory(self) -> "VLBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types.
@@ -75,27 +123,69 @@ class VLBatch:
         return dataclasses.replace(self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-def pad_stack(tensors: list[torch.Tensor], pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad tensors of shape [n_i, ...] into [B, max n, ...] plus a bool validity mask [B, max n]."""
+def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, bool]:
+    """An uninitialised tensor, and whether it is known to be all zeros."""
+    if device.type != "cpu" or get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, device=device), False
+    # In a DataLoader worker, build the batch in shared memory: sending it to the main process
+    # then passes a file handle instead of copying every byte (what torch's default_collate does).
+    # A new shared-memory segment is a freshly truncated file, so it reads as zeros.
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape), True
+
+
+def pad_stack(tensors: list[torch.Tensor], pad_value: float = 0, *,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad tensors of shape [n_i, ...] into [B, max n, ...] plus a bool validity mask [B, max n].
+
+    ``dtype`` (default: the first tensor's) is the output's; each input is copied into it once,
+    converted on the way (fp16 -> float32 costs nothing extra over the copy).
+    """
     n = max((t.shape[0] for t in tensors), default=0)
-    out = tensors[0].new_full((len(tensors), n, *tensors[0].shape[1:]), pad_value)
+    out, zeroed = _new_batch_tensor((len(tensors), n, *tensors[0].shape[1:]), dtype or tensors[0].dtype,
+                                    tensors[0].device)
     mask = torch.zeros(len(tensors), n, dtype=torch.bool)
+    write_padding = not (zeroed and pad_value == 0)  # untouched shared pages are never even faulted in
     for i, t in enumerate(tensors):
-        out[i, : t.shape[0]] = t
-        mask[i, : t.shape[0]] = True
+        k = t.shape[0]
+        out[i, :k] = t
+        if write_padding:
+            out[i, k:] = pad_value
+        mask[i, :k] = True
     return out, mask
 
 
-def collate(examples: list[Example]) -> VLBatch:
-    """Pad a list of examples into one batch (text 0-padded, regions zero-padded)."""
+def _float_dtype(tensors: list[torch.Tensor], keep_fp16: bool) -> torch.dtype:
+    if keep_fp16 and all(t.dtype == torch.float16 for t in tensors):
+        return torch.float16
+    return torch.float32
+
+
+def collate(examples: list[Example], *, keep_fp16: bool | None = None, soft_labels: bool = True) -> VLBatch:
+    """Pad a list of examples into one batch (text 0-padded, regions zero-padded).
+
+    ``img_feat``/``soft_labels`` come out float32, or fp16 when ``keep_fp16`` (default: whether
+    the caller is inside :func:`collate_keeps_fp16`) and every example's are fp16; ``.to(device)``
+    makes those float32 on the device. ``img_pos`` is always float32. ``soft_labels=False`` leaves
+    them out of the batch (a task that does not use them: with 1601 classes they are the biggest
+    tensor of the batch); they are batched only when every example has them.
+    """
     if not examples:
         raise ValueError("collate: empty list of examples")
+    if keep_fp16 is None:
+        keep_fp16 = _KEEP_FP16.get()
+    feats = [e.img_feat for e in examples]
     input_ids, text_mask = pad_stack([e.input_ids for e in examples], 0)
-    img_feat, img_mask = pad_stack([e.img_feat.float() for e in examples], 0.0)
-    img_pos, _ = pad_stack([e.img_pos.float() for e in examples], 0.0)
+    img_feat, img_mask = pad_stack(feats, 0.0, dtype=_float_dtype(feats, keep_fp16))
+    img_pos, _ = pad_stack([e.img_pos for e in examples], 0.0, dtype=torch.float32)
     soft = None
-    if all(e.soft_labels is not None for e in examples):
-        soft, _ = pad_stack([e.soft_labels.float() for e in examples], 0.0)
+    if soft_labels and all(e.soft_labels is not None for e in examples):
+        softs = [e.soft_labels for e in examples]
+        soft, _ = pad_stack(softs, 0.0, dtype=_float_dtype(softs, keep_fp16))
     return VLBatch(
         input_ids=input_ids,
         text_mask=text_mask,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from vlframe.data.batch import collate_keeps_fp16
 from vlframe.registry import SAMPLERS, build
 
 
@@ -53,7 +54,10 @@ class TaskBatches(Dataset):
     def __getitem__(self, key: tuple[int, list[int]]):
         seed, indices = key
         g = torch.Generator().manual_seed(seed)
-        return self.task.collate([self.dataset[i] for i in indices], generator=g, dataset=self.dataset)
+        # Batches leave the worker in fp16 (half the bytes to move); VLBatch.to(device) makes them
+        # float32 on the device.
+        with collate_keeps_fp16():
+            return self.task.collate([self.dataset[i] for i in indices], generator=g, dataset=self.dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -188,7 +188,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_grad:
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad))
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
+        if self.scaler.is_enabled():
+            logs["loss_scale"] = float(self.scaler.get_scale())
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

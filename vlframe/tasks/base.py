@@ -56,6 +56,9 @@ class Task(nn.Module):
 
     #: metric names this task's ``evaluate`` reports, higher-is-better first (used for logging).
     metric_names: tuple[str, ...] = ()
+    #: whether batches carry the detector's soft labels (the largest tensor of a batch: only the
+    #: region-classification tasks need them).
+    needs_soft_labels: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,7 +68,7 @@ class Task(nn.Module):
         self.info = info
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
-        return collate(examples)
+        return collate(examples, soft_labels=self.needs_soft_labels)
 
     def forward(self, model: nn.Module, batch: VLBatch) -> TaskOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define forward()")

@@ -38,7 +38,7 @@ class MaskedTask(Task):
         self.masker = _build_masker(masker, where=f"{type(self).__name__}.masker")
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
-        batch = collate(examples)
+        batch = collate(examples, soft_labels=self.needs_soft_labels)
         draw = self.masker(
             target=self.target,
             text_maskable=text_maskable(batch, self.info.special_ids),
@@ -124,6 +124,7 @@ class MRFRTask(RegionTask):
 
 
 class _RegionClassTask(RegionTask):
+    needs_soft_labels = True
     def setup(self, *, model: nn.Module, info: DataInfo) -> None:
         super().setup(model=model, info=info)
         if not info.num_labels:
@@ -232,7 +233,7 @@ class PairTask(Task):
                     j = int(torch.randint(len(dataset), (), generator=generator))
                 out.append(Example(f"#{j}", e.img_id, dataset.text_ids(j), e.img_feat, e.img_pos, e.soft_labels, e.extra))
             matched.append(0)
-        batch = collate(out)
+        batch = collate(out, soft_labels=self.needs_soft_labels)
         batch.targets["itm"] = torch.tensor(matched, dtype=torch.long)
         return batch
 
