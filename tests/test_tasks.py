@@ -1,0 +1,98 @@
+"""Pretraining tasks: what their batches are made of, and where their heads run."""
+import pytest
+import torch
+
+from projects.uniter.uniter.model import UniterModel
+from vlframe.data.dataset import SyntheticPairs
+from vlframe.masking import IGNORE_INDEX
+from vlframe.registry import TASKS, build
+from vlframe.tasks.base import DataInfo
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    ds = SyntheticPairs(cache_dir=str(tmp_path_factory.mktemp("w")), num_images=60, feat_dim=16)
+    model = UniterModel(vocab_size=ds.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                        intermediate_size=64, img_dim=16).eval()
+    return ds, model, DataInfo.from_dataset(ds)
+
+
+def _task(cfg, world):
+    ds, model, info = world
+    t = build(cfg, TASKS)
+    t.setup(model=model, info=info)
+    return t
+
+
+def _examples(ds, n=24):
+    return [ds[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "mrc_kl"])
+def test_masked_tasks_see_only_matched_pairs(name, world):
+    ds, model, info = world
+    task = _task({"type": name}, world)
+    ex = _examples(ds)
+    batch = task.collate(ex, generator=torch.Generator().manual_seed(0), dataset=ds)
+    assert batch.img_ids == [e.img_id for e in ex] and batch.txt_ids == [e.txt_id for e in ex]
+    for i, e in enumerate(ex):  # the regions are each text's own image's
+        k = e.img_feat.shape[0]
+        assert torch.equal(batch.img_feat[i, :k], e.img_feat.float())
+    assert "itm" not in batch.targets
+
+
+def test_region_heads_run_on_masked_positions_only(world):
+    ds, model, info = world
+    for name in ("mrfr", "mrc", "mrc_kl"):
+        task = _task({"type": name}, world)
+        batch = task.collate(_examples(ds), generator=torch.Generator().manual_seed(1), dataset=ds)
+        out = task(model, batch)
+        n_masked = int(batch.img_masked.sum())
+        assert n_masked >= batch.size  # at least one per example
+        assert not (batch.img_masked & ~batch.img_mask).any()
+        rows = next(iter(out.outputs.values())).shape[0]
+        assert rows == n_masked, name
+    task = _task({"type": "mlm"}, world)
+    batch = task.collate(_examples(ds), generator=torch.Generator().manual_seed(2), dataset=ds)
+    assert task(model, batch).outputs["logits"].shape[0] == int((batch.targets["txt_labels"] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("side", ["image", "text", "both"])
+def test_itm_negatives_side_and_rate(side, world):
+    ds, model, info = world
+    task = _task({"type": "itm", "neg_prob": 0.3, "side": side}, world)
+    ex = [ds[i] for i in range(len(ds))]
+    g = torch.Generator().manual_seed(3)
+    neg = total = swapped_img = swapped_txt = 0
+    for s in range(0, len(ex), 50):
+        chunk = ex[s : s + 50]
+        batch = task.collate(chunk, generator=g, dataset=ds)
+        t = batch.targets["itm"]
+        neg += int((t == 0).sum())
+        total += t.numel()
+        for i, e in enumerate(chunk):
+            same_img = batch.img_ids[i] == e.img_id
+            same_txt = torch.equal(batch.input_ids[i, : e.input_ids.numel()], e.input_ids)
+            if t[i] == 1:
+                assert same_img and same_txt
+            else:
+                swapped_img += int(not same_img)
+                swapped_txt += int(not same_txt)
+    assert abs(neg / total - 0.3) < 0.05
+    if side == "image":
+        assert swapped_img == neg and swapped_txt == 0
+    elif side == "text":
+        assert swapped_img == 0 and swapped_txt >= neg * 0.9  # a different caption may tokenise alike
+    else:
+        assert swapped_img > 0.3 * neg and swapped_txt > 0.3 * neg
+
+
+def test_wra_inside_itm_follows_the_original_formula(world):
+    ds, model, info = world
+    task = _task({"type": "itm", "wra_weight": 0.1, "ot_solver": {"type": "ipot"}}, world)
+    batch = task.collate(_examples(ds), generator=torch.Generator().manual_seed(4), dataset=ds)
+    out = task(model, batch)
+    pos, neg = out.outputs["ot_pos"], out.outputs["ot_neg"]
+    assert pos.numel() + neg.numel() == batch.size
+    expected = out.logs["ce"] + 0.1 * float((pos.sum() - neg.sum()).detach() / batch.size)
+    assert abs(out.loss.item() - expected) < 1e-5
