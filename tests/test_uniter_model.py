@@ -11,6 +11,13 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _fvcore_count(module: torch.nn.Module, *prefixes: str) -> int:
+    from fvcore.nn import parameter_count
+
+    counts = parameter_count(module)  # per module prefix; "" is the whole model
+    return sum(counts[p] for p in prefixes)
+
+
 @pytest.mark.parametrize(
     "size,kwargs,expected",
     [
@@ -24,14 +31,14 @@ def _count(module: torch.nn.Module) -> int:
 def test_parameter_count_matches_paper(size, kwargs, expected):
     with torch.device("meta"):  # shapes only: no memory, no init time
         m = UniterModel(vocab_size=28996, img_dim=2048, **kwargs)
-    counted = _count(m.encoder) + _count(m.pooler)
-    assert counted == expected
+    counted = _fvcore_count(m, "encoder", "pooler")
+    assert counted == expected == _count(m.encoder) + _count(m.pooler)
     assert round(counted / 1e6, 1) == {"base": 85.6, "large": 303.4}[size]
     if size == "base":
         # The whole backbone equals the original's UniterModel (109,898,752 with word embeddings,
         # reference notes) less one row: we keep the mask embedding as one vector, not a 2-row
         # table whose row 0 is forced to zero.
-        assert _count(m) == 109_898_752 - 2048
+        assert _fvcore_count(m, "") == 109_898_752 - 2048
 
 
 def test_text_path_equals_bert():
@@ -99,3 +106,11 @@ def test_packing_equals_naive_padded_attention():
     assert packed.sequence.shape[1] == int((tm.sum(1) + im.sum(1)).max())
     b = 1  # 3 tokens then 7 regions
     assert torch.allclose(packed.sequence[b, 3:10], naive_reg[b, :7], atol=1e-5)
+
+
+def test_analyze_model_table():
+    from vlframe.engine.analysis import parameter_table
+
+    table = parameter_table("configs/uniter/pretrain_tiny_synth.yaml", ["model.num_layers=12", "model.hidden_size=768",
+                                                                         "model.num_heads=12", "model.intermediate_size=3072"])
+    assert "encoder" in table and "85.1M" in table  # 12 layers of 7.09M; the pooler adds 0.59M
