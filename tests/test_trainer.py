@@ -82,7 +82,7 @@ def test_checkpoint_is_atomic_and_safe(synth_cache, tmp_path):
     state = torch.load(paths[-1][1], weights_only=True)  # no code can run while loading
     assert state["step"] == 2 and state["config"]["train"]["max_steps"] == 2
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "data", "chooser", "config"}
-    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
     # A damaged newest checkpoint (a crash mid-copy elsewhere) is skipped, not trusted.
     with open(tmp_path / "checkpoints" / "ckpt_0000003.pt", "wb") as f:
         f.write(b"\x00garbage")
@@ -97,7 +97,7 @@ def test_checkpoint_is_atomic_and_safe(synth_cache, tmp_path):
     with pytest.raises(RuntimeError):
         ckpt.atomic_save({"x": Boom()}, paths[-1][1])
     assert torch.load(paths[-1][1], weights_only=True)["step"] == 2
-    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
     # The resolved config sits next to the checkpoints.
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "metrics.jsonl").is_file()

@@ -24,7 +24,6 @@ while ``tasks.itm.ot_solver.type=sinkhorn`` changes only the type and keeps the 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from vlframe.io import atomic_write
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -192,15 +193,5 @@ def save_config(cfg: DictConfig | Mapping[str, Any], path: str | os.PathLike) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text), binary=False)
     return path

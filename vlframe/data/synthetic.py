@@ -78,22 +78,26 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 TOKENIZER_NAME = "bert-base-uncased"
 
 
+# Per-domain scene distributions. ``boost`` multiplies the frequency of a super-category's classes,
+# on top of Zipf-like class frequencies 1 / (1 + rank) ** zipf over a seeded random ranking.
+_DOMAINS: dict[str, dict[str, Any]] = {
+    # COCO-like: animals and vehicles common
+    "in": {"boost": {"animal": 3.0, "vehicle": 2.5, "kitchen": 1.5}, "zipf": 0.6, "objects": (3, 8),
+           "clutter": (4, 14), "noise": 1.0, "shift": 0.0, "size_wh": ((560, 720), (400, 560))},
+    # CC-like: food, furniture and plants common, more objects and clutter, larger images
+    "out": {"boost": {"food": 3.0, "furniture": 2.5, "plant": 2.5}, "zipf": 0.6, "objects": (4, 8),
+            "clutter": (8, 24), "noise": 1.3, "shift": 0.25, "size_wh": ((800, 1024), (450, 768))},
+}
+
+
 def _domain_settings(domain: str, num_classes: int, rng_world: np.random.Generator) -> dict[str, Any]:
     """Per-domain distributions. ``rng_world`` draws the class frequencies (deterministic per seed)."""
-    if domain == "in":
-        # COCO-like: animals and vehicles common, Zipf-like frequencies
-        boost = {"animal": 3.0, "vehicle": 2.5, "kitchen": 1.5}
-        objects, clutter, noise, shift, size_wh = (3, 8), (4, 14), 1.0, 0.0, ((560, 720), (400, 560))
-    elif domain == "out":
-        # CC-like: food, furniture and plants common, more objects and clutter, larger images
-        boost = {"food": 3.0, "furniture": 2.5, "plant": 2.5}
-        objects, clutter, noise, shift, size_wh = (4, 8), (8, 24), 1.3, 0.25, ((800, 1024), (450, 768))
-    else:
+    if domain not in _DOMAINS:
         raise ValueError(f"synthetic world: unknown domain {domain!r} (expected 'in' or 'out')")
+    d = _DOMAINS[domain]
     ranks = rng_world.permutation(num_classes)
-    freq = 1.0 / (1.0 + ranks) ** 0.6 * np.array([boost.get(SUPERCAT_OF[c], 1.0) for c in CLASSES])
-    return {"class_p": freq / freq.sum(), "objects": objects, "clutter": clutter, "noise": noise,
-            "shift": shift, "size_wh": size_wh}
+    freq = 1.0 / (1.0 + ranks) ** d["zipf"] * np.array([d["boost"].get(SUPERCAT_OF[c], 1.0) for c in CLASSES])
+    return {"class_p": freq / freq.sum(), **{k: d[k] for k in ("objects", "clutter", "noise", "shift", "size_wh")}}
 
 
 class _Prototypes:
@@ -266,18 +270,30 @@ def _relation(a: dict[str, Any], b: dict[str, Any], rng: np.random.Generator, ma
     return options[int(rng.integers(len(options)))] if options else None
 
 
+# Caption templates and how often each is drawn: (single, relation, count, pair, location, list).
+# Like COCO captions, most captions name two or three of the scene's main objects.
+_TEMPLATE_P = np.array([0.1, 0.2, 0.1, 0.25, 0.1, 0.25])
+_SALIENCE_POWER = 1.0
+
+
+def _salient(obs: list[dict[str, Any]], rng: np.random.Generator, k: int) -> list[int]:
+    """``k`` distinct objects, each drawn with probability proportional to its box area to the power
+    _SALIENCE_POWER: captions name the large, salient objects more often (as COCO annotators do)."""
+    area = np.array([(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) for o in obs]) ** _SALIENCE_POWER
+    return [int(v) for v in rng.choice(len(obs), k, replace=False, p=area / area.sum())]
+
+
 def _caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[str, str, list[int]]:
     """One true caption: (text, template name, indices of the objects it mentions)."""
     obs = scene["objects"]
-    n = len(obs)
     counts: dict[str, list[int]] = {}
     for j, ob in enumerate(obs):
         counts.setdefault(ob["cls"], []).append(j)
     out = scene["domain"] == "out"
     for _ in range(20):
-        t = int(rng.integers(5))
-        i, j = (int(v) for v in rng.choice(n, 2, replace=False))
-        a, b = obs[i], obs[j]
+        t = int(rng.choice(len(_TEMPLATE_P), p=_TEMPLATE_P))
+        i, j, k = _salient(obs, rng, 3)
+        a, b, c3 = obs[i], obs[j], obs[k]
         if t == 0:  # one object with attributes
             if out:
                 return f"close up of {_a(_phrase(a, rng, size=0.7))}.", "single", [i]
@@ -317,6 +333,11 @@ def _caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[str, str,
             if out:
                 return f"{_phrase(a, rng, size=0.5)} {where} of the image.", "location", [i]
             return f"{_a(_phrase(a, rng))} {where}.", "location", [i]
+        if t == 5:  # three objects of the scene
+            if out:
+                return (f"{_phrase(a, rng, size=0.0)} with {_phrase(b, rng, size=0.0)} and "
+                        f"{_phrase(c3, rng, size=0.0)}.", "list", [i, j, k])
+            return f"{_a(_phrase(a, rng))} with {_a(_phrase(b, rng))} and {_a(_phrase(c3, rng))}.", "list", [i, j, k]
     return f"{_a(_phrase(obs[0], rng))}.", "single", [0]
 
 

@@ -11,30 +11,19 @@ import logging
 import os
 import random
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from vlframe.io import atomic_write
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str) -> dict:

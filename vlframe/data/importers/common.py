@@ -202,3 +202,20 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
 
         return TextEncoder(build_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer, max_len=args.max_text_len)
     return TextEncoder(max_len=getattr(args, "max_text_len", None))
+
+
+def unpack_msgpack_map(data: bytes, source: str, where: str) -> dict[str, Any]:
+    """A msgpack (msgpack-numpy encoded) map as the original UNITER writers store it, with str keys;
+    a bad value raises DataFormatError naming ``source`` and ``where``."""
+    import msgpack
+    import msgpack_numpy
+
+    try:
+        obj = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False)
+    except (ValueError, msgpack.exceptions.UnpackException, TypeError, KeyError) as e:
+        raise DataFormatError(source, where, f"unreadable msgpack value ({type(e).__name__}: {e})",
+                              reason="unreadable msgpack value") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(source, where, f"value is a msgpack {type(obj).__name__}, expected a map",
+                              reason="value is not a map")
+    return {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in obj.items()}

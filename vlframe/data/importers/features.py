@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from vlframe.data.importers.common import DataFormatError, ImportReport, add_common_args, check_array
+from vlframe.data.importers.common import (DataFormatError, ImportReport, add_common_args, check_array,
+                                          unpack_msgpack_map)
 
 # Column layouts of the public dumps, by column count.
 TSV_LAYOUTS: dict[int, tuple[str, ...]] = {
@@ -239,10 +240,6 @@ def _tsv_record(row: list[str], layout: tuple[str, ...] | None, path: str, linen
 # UNITER img_db / npz
 
 
-def _as_str_keys(d: dict) -> dict:
-    return {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in d.items()}
-
-
 def decode_uniter_value(value: bytes, source: str, where: str) -> dict[str, np.ndarray]:
     """One img_db value -> dict of arrays; msgpack or ``np.savez`` bytes, detected by the zip magic."""
     if value[:4] == b"PK\x03\x04":
@@ -252,18 +249,7 @@ def decode_uniter_value(value: bytes, source: str, where: str) -> dict[str, np.n
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise DataFormatError(source, where, f"unreadable npz value ({type(e).__name__}: {e})",
                                   reason="unreadable npz value") from None
-    import msgpack
-    import msgpack_numpy
-
-    try:
-        obj = msgpack.unpackb(value, object_hook=msgpack_numpy.decode, raw=False)
-    except (ValueError, msgpack.exceptions.UnpackException, TypeError, KeyError) as e:
-        raise DataFormatError(source, where, f"unreadable msgpack value ({type(e).__name__}: {e})",
-                              reason="unreadable msgpack value") from None
-    if not isinstance(obj, dict):
-        raise DataFormatError(source, where, f"value is a msgpack {type(obj).__name__}, expected a map",
-                              reason="value is not a map")
-    return _as_str_keys(obj)
+    return unpack_msgpack_map(value, source, where)
 
 
 def uniter_region(img_id: str, d: dict[str, Any], source: str, where: str, *, feat_dim: int | None,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vlframe.data.importers.common import (DataFormatError, ImportReport, TextEncoder, add_common_args,
+from vlframe.data.importers.common import (DataFormatError, ImportReport, TextEncoder, add_common_args, unpack_msgpack_map,
                                            encoder_from_args, read_json, require)
 
 SIDE_FILES = ("id2len.json", "txt2img.json", "img2txts.json", "meta.json")
@@ -67,22 +67,12 @@ def read_meta(db_dir: str) -> dict[str, Any]:
 
 def decode_txt_value(value: bytes, source: str, where: str) -> dict[str, Any]:
     import lz4.frame
-    import msgpack
-    import msgpack_numpy
 
     try:
         data = lz4.frame.decompress(value)
     except RuntimeError as e:  # lz4 reports a bad or cut frame as RuntimeError
         raise DataFormatError(source, where, f"not a complete lz4 frame ({e})", reason="unreadable lz4 value") from None
-    try:
-        obj = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False)
-    except (ValueError, msgpack.exceptions.UnpackException, TypeError, KeyError) as e:
-        raise DataFormatError(source, where, f"unreadable msgpack value ({type(e).__name__}: {e})",
-                              reason="unreadable msgpack value") from None
-    if not isinstance(obj, dict):
-        raise DataFormatError(source, where, f"value is a msgpack {type(obj).__name__}, expected a map",
-                              reason="value is not a map")
-    return {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return unpack_msgpack_map(data, source, where)
 
 
 def iter_uniter_txt_db(db_dir: str | os.PathLike, *, vocab_end: int | None = None,
