@@ -42,3 +42,19 @@ def test_all_ranks_train_the_same_task(tmp_path):
     assert r0["chosen"] == r0["own"], "rank 0's own draws are what everyone trains"
     assert r0["own"] != r1["own"], "without the broadcast the ranks would disagree"
     assert set(r0["chosen"]) == {"mlm", "itm", "mrfr", "mrc_kl"}
+
+
+def test_task_phases_replace_the_mix_until_their_step():
+    import pytest
+
+    from vlframe.engine.trainer import TaskChooser
+
+    c = TaskChooser({"mlm": 2, "itm": 2, "mrfr": 1}, seed=0, phases=[{"until_step": 50, "mix": {"itm": 1}}])
+    early = [c.choose(s) for s in range(50)]
+    late = [c.choose(s) for s in range(50, 400)]
+    assert set(early) == {"itm"}
+    assert set(late) == {"mlm", "itm", "mrfr"} and 0.3 < late.count("mlm") / len(late) < 0.5
+    with pytest.raises(ValueError, match=r"train.phases\[0\].mix: unknown task"):
+        TaskChooser({"mlm": 1}, seed=0, phases=[{"until_step": 5, "mix": {"itm": 1}}])
+    with pytest.raises(ValueError, match=r"train.phases\[1\].until_step must increase"):
+        TaskChooser({"mlm": 1}, seed=0, phases=[{"until_step": 5, "mix": {"mlm": 1}}, {"until_step": 5, "mix": {"mlm": 1}}])

@@ -68,6 +68,9 @@ class TrainConfig:
     resume: str = "auto"  # auto = latest checkpoint in work_dir if any | never | <checkpoint path>
     init_from: str | None = None  # weights to start from (checkpoint path); None = fresh init
     progress: bool = True  # console progress bar
+    # task-mix phases before the tasks' own mix applies, e.g. [{until_step: 600, mix: {itm: 1}}]:
+    # a curriculum (the tiny from-scratch demo warms ITM+WRA up before the paper's mix)
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -50,19 +50,45 @@ class VLModule(nn.Module):
         return out.loss, out.logs
 
 
-class TaskChooser:
-    """Draws the task of each step with probability proportional to its ``mix``."""
+def _mix_weights(names: list[str], mix: dict[str, float], where: str) -> torch.Tensor:
+    unknown = sorted(set(mix) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown task(s) {unknown}; the config's tasks are {names}")
+    w = torch.tensor([float(mix.get(n, 0.0)) for n in names], dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"{where}: mix ratios must be >= 0 with a positive total, got {dict(mix)}")
+    return w
 
-    def __init__(self, mix: dict[str, float], seed: int):
+
+class TaskChooser:
+    """Draws the task of each step with probability proportional to its ``mix``; optional
+    ``phases`` ([{until_step, mix}], in order) replace the mix before their ``until_step``."""
+
+    def __init__(self, mix: dict[str, float], seed: int, phases: list[dict] | None = None):
         self.names = list(mix)
-        self.weights = torch.tensor([float(mix[n]) for n in self.names], dtype=torch.float64)
-        if (self.weights < 0).any() or self.weights.sum() <= 0:
-            raise ValueError(f"tasks.*.mix must be >= 0 with a positive total, got {mix}")
+        self.weights = _mix_weights(self.names, mix, "tasks.*.mix")
+        self.phases = []
+        last = 0
+        for i, ph in enumerate(phases or []):
+            where = f"train.phases[{i}]"
+            if set(ph) != {"until_step", "mix"}:
+                raise ValueError(f"{where}: expected keys until_step and mix, got {sorted(ph)}")
+            if int(ph["until_step"]) <= last:
+                raise ValueError(f"{where}.until_step must increase, got {ph['until_step']} after {last}")
+            last = int(ph["until_step"])
+            self.phases.append((last, _mix_weights(self.names, dict(ph["mix"]), f"{where}.mix")))
         self.generator = torch.Generator().manual_seed(seed)
 
-    def choose(self) -> str:
+    def weights_at(self, step: int) -> torch.Tensor:
+        for until, w in self.phases:
+            if step < until:
+                return w
+        return self.weights
+
+    def choose(self, step: int = 0) -> str:
         # Rank 0 decides; the others receive its choice (their own draw is discarded).
-        idx = int(torch.multinomial(self.weights, 1, generator=self.generator)) if D.is_main() else -1
+        w = self.weights_at(step)
+        idx = int(torch.multinomial(w, 1, generator=self.generator)) if D.is_main() else -1
         return self.names[D.broadcast_int(idx)]
 
     def state_dict(self) -> dict:
@@ -124,7 +150,8 @@ class Trainer:
             tasks[name] = build(node, TASKS, where=f"tasks.{name}")
             tasks[name].setup(model=self.model, info=info)
         self.module = VLModule(self.model, tasks).to(self.device)
-        self.chooser = TaskChooser(mix, seed=int(cfg.seed))
+        phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
+        self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
         sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)
         self.streams = {
             name: TaskStream(
@@ -216,7 +243,7 @@ class Trainer:
         last_val: dict[str, float] = {}
         t0 = time.time()
         while self.step < tc.max_steps:
-            task = self.chooser.choose()
+            task = self.chooser.choose(self.step)
             micro = [self.streams[task].next() for _ in range(int(tc.grad_accum))]
             logs = self.train_step(task, micro)
             self.step += 1
