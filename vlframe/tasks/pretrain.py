@@ -15,6 +15,7 @@ from torch import nn
 from vlframe.data.batch import Example, VLBatch, collate
 from vlframe.masking import IGNORE_INDEX, Masker, replace_masked_tokens
 from vlframe.modules.heads import ClassifierHead, TiedFeatureHead, TiedTokenHead
+from vlframe.ot.cost import wra_distance
 from vlframe.registry import MASKERS, OT_SOLVERS, TASKS, build
 from vlframe.tasks.base import DataInfo, Task, TaskOutput, text_maskable
 
@@ -185,12 +186,9 @@ def _build_solver(solver: dict | None, where: str):
 
 
 def wra_distances(out, solver) -> torch.Tensor:
-    """OT distance per pair between contextualised words (with [CLS]/[SEP], as the original)
-    and regions, cosine cost, computed in fp32."""
-    from vlframe.ot.cost import cosine_cost, ot_distance
-
-    cost = cosine_cost(out.text.float(), out.regions.float(), out.text_mask, out.region_mask)
-    return ot_distance(cost, solver(cost, out.text_mask, out.region_mask))
+    """OT distance per pair between the contextualised words (with [CLS]/[SEP], as the original)
+    and regions of an EncoderOutput; cost and solver run in fp32 (vlframe.ot)."""
+    return wra_distance(solver, out.text, out.regions, out.text_mask, out.region_mask)
 
 
 class PairTask(Task):
