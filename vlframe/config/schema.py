@@ -26,6 +26,7 @@ Component = NewType("Component", dict[str, Any])
 TASK_RESERVED_KEYS: dict[str, type] = {"mix": float}
 
 AmpMode = Literal["auto", "fp32", "bf16", "fp16"]
+Launcher = Literal["local", "slurm"]
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 
 
@@ -74,6 +75,28 @@ class TrainConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``slurm:`` the job ``launcher: slurm`` submits through submitit (vlframe.launch.slurm)."""
+
+    nodes: int = ge(1, 1)  # nodes of the job
+    tasks_per_node: int = ge(1, 1)  # processes per node: one per GPU (DDP ranks = nodes x tasks_per_node)
+    gpus_per_node: int = ge(0, 0)  # GPUs per node; 0 = no GPU request at all (CPU nodes)
+    cpus_per_task: int = ge(1, 1)  # CPU cores per process (data workers + 1)
+    mem_gb: float | None = None  # memory per node in GB; None = the partition's default
+    partition: str | None = None  # None = the cluster's default partition
+    account: str | None = None  # account charged; None = your default
+    qos: str | None = None  # quality of service; None = default
+    time_min: int = ge(1, 60)  # time limit of one run of the job, minutes (requeues start it afresh)
+    constraint: str | None = None  # node features, e.g. volta32gb
+    job_name: str | None = None  # None = the run folder's name
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {dependency: afterok:123}
+    signal_delay_s: int = ge(0, 120)  # USR2 this many seconds before the time limit (checkpoint + requeue)
+    max_num_timeout: int = ge(0, 3)  # requeues after time-outs (preemptions requeue without limit)
+    array_parallelism: int = ge(1, 256)  # sweeps: array tasks running at once
+
+
+@dataclass
 class Config:
     """The whole config file (after ``_base_`` merging and overrides)."""
 
@@ -87,4 +110,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation loop
     hooks: list[Component] = field(default_factory=list)  # trainer hooks (HOOKS), run in order
     metrics: list[Component] = field(default_factory=list)  # validation metrics (METRICS)
-    launcher: Component | None = None  # how to launch (LAUNCHERS); None = in this process
+    launcher: Launcher = "local"  # local = train in this process | slurm = submit a job as slurm: says
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # the SLURM job (read when launcher=slurm, and by sweeps)

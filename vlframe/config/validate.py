@@ -41,7 +41,6 @@ POSITIONS: list[tuple[str, Registry, dict[str, type]]] = [
     ("data.*", R.DATASETS, {}),  # data.train, data.val and any other split
     ("hooks.*", R.HOOKS, {}),
     ("metrics.*", R.METRICS, {}),
-    ("launcher", R.LAUNCHERS, {}),
 ]
 
 # Key name (fnmatch pattern) of a component node nested in another component -> registry.
