@@ -59,7 +59,10 @@ class TrainConfig:
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = ge(0, 0)  # linear warmup steps, then linear decay to 0 at max_steps
     clip_grad: float = ge(0, 5.0)  # max global grad norm; 0 = no clipping
-    amp: AmpMode = "auto"  # auto = bf16 on capable CUDA, fp32 on CPU
+    # a step whose loss is NaN/inf (on any rank) is skipped; this many in a row stop the run with
+    # an error naming the step and the task (fp16 overflow of the gradients alone only lowers the scale)
+    max_bad_steps: int = ge(1, 10)
+    amp: AmpMode = "auto"  # auto = bf16 on CUDA with native bf16 (A100, H100), else fp16 + GradScaler (V100); fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     val_interval: int = ge(1, 500)  # validate every this many steps (and at the end)
     val_batches: int = ge(0, 0)  # validation batches per task; 0 = the whole split
@@ -102,7 +105,7 @@ class Config:
 
     custom_imports: list[str] = field(default_factory=list)  # user modules imported before building
     vars: dict[str, Any] = field(default_factory=dict)  # free values for interpolation: ${vars.hidden}
-    seed: int = 0  # global seed (python, numpy, torch; data order)
+    seed: int = 0  # global seed: data order and masks; python, numpy, torch get seed + rank (own stream per rank)
     work_dir: str | None = None  # run folder; None = work_dirs/<config file stem>
     model: Component = MISSING  # the model (MODELS)
     tasks: dict[str, Component] = field(default_factory=dict)  # name -> task node (TASKS), + mix: float = 1

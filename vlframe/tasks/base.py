@@ -73,6 +73,14 @@ class Task(nn.Module):
     def forward(self, model: nn.Module, batch: VLBatch) -> TaskOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
+    def loss_count(self, batch: VLBatch) -> int | torch.Tensor:
+        """How many elements ``forward``'s loss is a mean over, read from the collated batch
+        before the forward (an int, or a 0-d tensor on the batch's device: no host sync). The
+        trainer weighs each micro-batch's loss by its count over the step's total count (all
+        micro-batches of all ranks), which makes accumulation and DDP exact for a mean loss.
+        Default: the number of examples (a per-example mean)."""
+        return batch.size
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: VLBatch) -> dict[str, tuple[float, float]]:
         """Metric sums over one validation batch: name -> (sum, count). Default: the loss."""

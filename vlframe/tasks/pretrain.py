@@ -70,6 +70,9 @@ class MLMTask(MaskedTask):
         super().setup(model=model, info=info)
         self.head = TiedTokenHead(hidden_size=model.hidden_size, vocab_size=model.vocab_size)
 
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return (batch.targets["txt_labels"] != IGNORE_INDEX).sum()  # the CE is a mean over masked words
+
     def _logits(self, model: nn.Module, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.targets["txt_labels"]
         out = model(batch)
@@ -98,6 +101,9 @@ class RegionTask(MaskedTask):
     def _masked_states(self, model: nn.Module, batch: VLBatch) -> torch.Tensor:
         return model(batch).regions[batch.img_masked]
 
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum()  # losses that are a mean over masked regions (MRC)
+
 
 @TASKS.register_module(name="mrfr")
 class MRFRTask(RegionTask):
@@ -108,6 +114,9 @@ class MRFRTask(RegionTask):
     def setup(self, *, model: nn.Module, info: DataInfo) -> None:
         super().setup(model=model, info=info)
         self.head = TiedFeatureHead(hidden_size=model.hidden_size, feat_dim=model.img_dim)
+
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum() * batch.img_feat.shape[-1]  # MSE: mean over regions x features
 
     def _pred(self, model, batch):
         pred = self.head(self._masked_states(model, batch), model.feature_projection.weight)
@@ -172,6 +181,9 @@ class MRCKLTask(_RegionClassTask):
     """Masked region classification with KL(detector soft label || prediction), element mean."""
 
     metric_names = ("mrc_acc", "mrc_kl")
+
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum() * batch.soft_labels.shape[-1]  # KL: mean over regions x classes
 
     def forward(self, model, batch):
         logits, soft = self._pred(model, batch)
