@@ -170,3 +170,12 @@ def test_resumed_run_logs_each_step_once(tmp_path, synth_cache):
     assert [s for s, _, _ in got] == list(range(1, 7))
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in want]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in want], rel=1e-6)
+
+
+def test_shipped_sweep_expands_and_validates(capsys, tmp_path):
+    sweep = os.path.join(ROOT, "configs", "uniter", "sweeps", "masking_x_ot_x_mix.yaml")
+    assert _tool("sweep")([DEMO, sweep, "--dry-run", "--sweep-dir", str(tmp_path / "sw")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("# 24 runs, 24 to run")
+    assert lines[0].split()[:2] == ["mix-2211_masker-conditional_ot_solver-ipot_seed-0", "todo"]
+    assert not (tmp_path / "sw").exists()

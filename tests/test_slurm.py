@@ -287,11 +287,20 @@ def test_sweep_is_one_job_array_table_has_four_rows_and_rerun_submits_nothing(sl
 
 
 def test_two_task_job_ends_with_identical_parameters_on_both_ranks(slurm, user_hooks, synth_cache, tmp_path):
+    """srun starts 2 processes; submitit's job environment gives them the process group (gloo).
+    Both end with the same parameters, equal (1e-5) to one process with grad_accum=2, which sees
+    the same global batches (rank r's k-th batch is batch 2k+r of the shared plan)."""
+    from vlframe.engine.trainer import Trainer
+    from vlframe.launch import prepare
+
     wd = str(tmp_path / "ddp")
     extra = [f"custom_imports=[projects.uniter,{user_hooks}]", "hooks=[{type: SaveRankParams}]", "launcher=slurm",
              "slurm.tasks_per_node=2", "train.ckpt_interval=4"]
     t0 = time.time()
     assert _tool("train")([DEMO, "--work-dir", wd, *_overrides(synth_cache, steps=4, extra=extra)]) == 0
+    one = Trainer(prepare(DEMO, _overrides(synth_cache, steps=4, extra=["train.grad_accum=2"])),
+                  work_dir=str(tmp_path / "one"))
+    one.train()  # the reference trains here while the job runs
     took = _wait([_job_id(wd)], 240, logs_in=[os.path.join(wd, "slurm")])
     print(f"2-task gloo job: {time.time() - t0:.1f} s (wait {took:.1f} s)")
     log = _logs(os.path.join(wd, "slurm"))
@@ -305,6 +314,9 @@ def test_two_task_job_ends_with_identical_parameters_on_both_ranks(slurm, user_h
     for k in p0:
         assert torch.equal(p0[k], p1[k]), f"{k} differs between the ranks"
         torch.testing.assert_close(saved[k], p0[k])  # what rank 0 checkpointed
+    ref = one.module.state_dict()
+    worst = max(float((p0[k].float() - ref[k].float()).abs().max()) for k in p0)
+    assert worst <= 1e-5, f"2 ranks vs 1 process with grad_accum=2: max difference {worst:.3g}"
 
 
 @pytest.mark.parametrize("bad", ["typo", "missing_data"])

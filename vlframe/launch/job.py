@@ -90,6 +90,10 @@ class TrainJob:
     def __call__(self) -> dict[str, float]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         cfg = OmegaConf.create(self.config)
+        if "OMP_NUM_THREADS" not in os.environ:  # torch would run as many threads as the node has cores, per rank
+            import torch
+
+            torch.set_num_threads(int(cfg.slurm.cpus_per_task))
         env = export_torch_env(single_node=int(cfg.slurm.nodes) == 1)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if restarts and str(cfg.train.resume) != "auto" and ckpt.list_checkpoints(os.path.join(self.work_dir, "checkpoints")):

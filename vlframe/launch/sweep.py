@@ -94,6 +94,16 @@ def _text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
 
 
+def _value_names(values: Sequence[Any]) -> dict[str, str]:
+    """Name of each value of one swept key: a component node by its ``type`` alone where that
+    tells the values apart, else in full."""
+    brief = [_text(v["type"]) if isinstance(v, Mapping) and "type" in v else _text(v) for v in values]
+    full = [_text(v) for v in values]
+    distinct = {json.dumps(v, sort_keys=True) for v in values}
+    names = brief if len(set(brief)) == len(distinct) else full
+    return {json.dumps(v, sort_keys=True): n for v, n in zip(values, names, strict=True)}
+
+
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
     """Each dotted key by its shortest suffix that no other swept key shares."""
     out = {}
@@ -114,6 +124,15 @@ def expand(spec: Mapping[str, Any]) -> list[Run]:
     explicit = spec["points"] or [{}]
     keys = list(dict.fromkeys([k for p in explicit for k in p if k != NAME_KEY] + list(grid)))
     short = _short_keys(keys)
+    seen_values: dict[str, list[Any]] = {k: [] for k in keys}
+    for k, v in [*((k, v) for p in explicit for k, v in p.items() if k != NAME_KEY),
+                 *((k, v) for k, vs in grid.items() for v in vs)]:
+        seen_values[k].append(v)
+    vnames = {k: _value_names(vs) for k, vs in seen_values.items()}
+
+    def part(k: str, v: Any) -> str:
+        return f"{short[k]}-{vnames[k][json.dumps(v, sort_keys=True)]}"
+
     runs: list[Run] = []
     for point in explicit:
         own = {k: v for k, v in point.items() if k != NAME_KEY}
@@ -122,8 +141,8 @@ def expand(spec: Mapping[str, Any]) -> list[Run]:
             if clash:
                 raise ConfigError(f"sweep: key(s) {clash} are both in grid and in a point; give each key one place")
             values = own | combo
-            parts = [_text(point[NAME_KEY])] if NAME_KEY in point else [f"{short[k]}-{_text(v)}" for k, v in own.items()]
-            parts += [f"{short[k]}-{_text(v)}" for k, v in combo.items()]
+            parts = [_text(point[NAME_KEY])] if NAME_KEY in point else [part(k, v) for k, v in own.items()]
+            parts += [part(k, v) for k, v in combo.items()]
             group = "_".join(parts) or "base"
             overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
             for seed in spec["seeds"] or [None]:
