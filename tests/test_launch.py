@@ -173,7 +173,7 @@ def test_resumed_run_logs_each_step_once(tmp_path, synth_cache):
 
 
 def test_shipped_sweep_expands_and_validates(capsys, tmp_path):
-    sweep = os.path.join(ROOT, "configs", "uniter", "sweeps", "masking_x_ot_x_mix.yaml")
+    sweep = os.path.join(ROOT, "configs", "sweeps", "masking_x_ot_x_mix.yaml")
     assert _tool("sweep")([DEMO, sweep, "--dry-run", "--sweep-dir", str(tmp_path / "sw")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("# 24 runs, 24 to run")
