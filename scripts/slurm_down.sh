@@ -8,7 +8,12 @@ DIR="${VLFRAME_SLURM_DIR:-$ROOT/.cache/slurm}"
 export PATH="/usr/sbin:$PATH"
 
 if [ -f "$DIR/slurm.conf" ] && [ -f "$DIR/slurmctld.pid" ]; then
-    SLURM_CONF="$DIR/slurm.conf" timeout 10 scancel --full --quiet --user "$(id -un)" 2>/dev/null || true
+    export SLURM_CONF="$DIR/slurm.conf"
+    timeout 10 scancel --quiet --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 30); do  # let the cancelled jobs end (at most ~15 s)
+        [ -z "$(timeout 5 squeue -h -t PD,R,CG,S 2>/dev/null)" ] && break
+        sleep 0.5
+    done
 fi
 
 stop_pid() {  # TERM, wait up to 10 s, then KILL; only the recorded pid
@@ -26,4 +31,5 @@ stop_pid slurmd
 stop_pid slurmctld
 stop_pid munged
 rm -f "$DIR/env"
+[ -L "$DIR/munge" ] && rm -rf "$(readlink "$DIR/munge")" "$DIR/munge"
 echo "slurm_down.sh: stopped SLURM of $DIR" >&2

@@ -48,6 +48,7 @@ free_port() {  # a TCP port nobody listens on now (bash only: /dev/tcp connect f
 CTLD_PORT="${VLFRAME_SLURM_PORT:-$(free_port)}"
 SLURMD_PORT=$((CTLD_PORT + 1))
 
+[ -L "$DIR/munge" ] && rm -rf "$(readlink "$DIR/munge")"
 rm -rf "$DIR/state" "$DIR/munge"
 mkdir -p "$DIR/state/ctld" "$DIR/state/d" "$DIR/log" "$DIR/munge"
 
@@ -58,12 +59,22 @@ if [ ! -f /etc/munge/munge.key ]; then
 fi
 chown munge:munge "$DIR/munge"
 chmod 0755 "$DIR/munge"
-SOCK="$DIR/munge/munge.socket"
-runuser -u munge -- /usr/sbin/munged --socket="$SOCK" --pid-file="$DIR/munge/munged.pid" \
-    --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" --key-file=/etc/munge/munge.key
+MDIR="$DIR/munge"
+if ! runuser -u munge -- test -w "$MDIR"; then
+    # A folder above $DIR is closed to user munge (e.g. under /root): munged's files live in /run
+    # instead, linked from $DIR/munge (slurm_down.sh removes both).
+    rm -rf "$DIR/munge"
+    MDIR="$(mktemp -d /run/vlframe-munge.XXXXXX)"
+    chown munge:munge "$MDIR"
+    chmod 0755 "$MDIR"
+    ln -s "$MDIR" "$DIR/munge"
+fi
+SOCK="$MDIR/munge.socket"
+runuser -u munge -- /usr/sbin/munged --socket="$SOCK" --pid-file="$MDIR/munged.pid" \
+    --log-file="$MDIR/munged.log" --seed-file="$MDIR/munged.seed" --key-file=/etc/munge/munge.key
 for _ in $(seq 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
-[ -S "$SOCK" ] || { echo "slurm_up.sh: munged did not start, see $DIR/munge/munged.log" >&2; exit 1; }
-cp "$DIR/munge/munged.pid" "$DIR/munged.pid"
+[ -S "$SOCK" ] || { echo "slurm_up.sh: munged did not start, see $MDIR/munged.log" >&2; exit 1; }
+cp "$MDIR/munged.pid" "$DIR/munged.pid"
 
 # The node as slurmd sees it (CPUs, boards, sockets, cores, threads), with ~90% of its memory
 # (a node that reports less memory than configured is drained).
