@@ -118,17 +118,27 @@ def test_sweep_typo_is_refused_naming_point_and_key(tmp_path, synth_cache, capsy
 
 
 @pytest.mark.slow
-def test_local_sweep_with_seeds_gives_mean_and_std_and_skips_finished(tmp_path, synth_cache, capsys):
+def test_local_sweep_with_seeds_gives_mean_and_std_skips_finished_and_resumes_failed(tmp_path, synth_cache, capsys):
     f = tmp_path / "s.yaml"
     f.write_text("grid:\n  tasks.itm.neg_prob: [0.5]\nseeds: [0, 1]\n")
     out_dir = tmp_path / "sw"
     main = _tool("sweep")
-    args = [DEMO, str(f), "--sweep-dir", str(out_dir), "--local", *_tiny(synth_cache, 2)]
+    args = [DEMO, str(f), "--sweep-dir", str(out_dir), "--local", *_tiny(synth_cache, 2, "train.ckpt_interval=1")]
     assert main(args) == 0
     assert sorted(p.name for p in out_dir.iterdir() if p.is_dir()) == ["neg_prob-0.5_seed-0", "neg_prob-0.5_seed-1"]
     capsys.readouterr()
     assert main(args) == 0
     assert "nothing to run" in capsys.readouterr().out
+    # seed 1 "failed" after its checkpoint at step 1: only it runs again, resuming.
+    failed = out_dir / "neg_prob-0.5_seed-1"
+    (failed / "done.json").unlink()
+    (failed / "checkpoints" / "ckpt_0000002.pt").unlink()
+    assert main(args) == 0
+    status = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("neg")}
+    assert status == {"neg_prob-0.5_seed-0": "finished", "neg_prob-0.5_seed-1": "todo"}
+    with open(failed / "metrics.jsonl") as fh:
+        steps = [json.loads(line)["step"] for line in fh if "/loss" in line and "train/" in line]
+    assert steps == [1, 2] and (failed / "done.json").is_file()
 
     assert main(["collect", str(out_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
