@@ -313,6 +313,7 @@ def test_killed_ddp_run_resumes_each_ranks_rng_stream(synth_cache, tmp_path):
             assert torch.equal(resumed[r]["masks"][step], full[r]["masks"][step]), f"rank {r}, step {step}"
             for got, want in zip(resumed[r]["states"][step], full[r]["states"][step]):
                 assert torch.equal(got, want), f"rank {r}, step {step}: python/NumPy RNG not restored"
+    for r in range(WORLD):
         for k, v in full[r]["params"].items():
             assert torch.equal(resumed[r]["params"][k], v), f"rank {r}: resumed vs uninterrupted differ at {k}"
     # Each rank has its own stream: rank 0's masks are not rank 1's.
