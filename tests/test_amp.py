@@ -81,6 +81,13 @@ class _Watch(Hook):
         self.before = now
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_auto_on_this_gpu():
+    native_bf16 = torch.cuda.get_device_capability()[0] >= 8  # Ampere and later
+    assert resolve_amp("auto", torch.device("cuda")) == (torch.bfloat16 if native_bf16 else torch.float16)
+
+
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(synth_cache, tmp_path, caplog):
     t = _trainer(synth_cache, tmp_path, "overflow_at: [1]", "train.amp=fp16", "train.max_steps=3",
                  "train.ckpt_interval=1", "train.keep_ckpts=5")
