@@ -1,4 +1,5 @@
-"""Process-group helpers. Under DDP every rank trains the same task at each step: rank 0 draws, the others receive.
+"""Process-group helpers. Under DDP every rank trains the same task at each step: rank 0 draws,
+the others receive.
 
 Two real gloo processes on this machine. Each rank seeds its chooser differently, so without the
 broadcast their draws would disagree (checked too)."""
