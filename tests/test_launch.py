@@ -189,3 +189,11 @@ def test_shipped_sweep_expands_and_validates(capsys, tmp_path):
     assert lines[-1].startswith("# 24 runs, 24 to run")
     assert lines[0].split()[:2] == ["mix-2211_masker-conditional_ot_solver-ipot_seed-0", "todo"]
     assert not (tmp_path / "sw").exists()
+
+
+def test_no_slurm_on_this_host_is_one_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    assert _tool("train")([DEMO, "--work-dir", str(tmp_path / "run"), "launcher=slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "launcher=slurm" in err and "srun" in err
+    assert not (tmp_path / "run").exists()
