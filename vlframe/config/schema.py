@@ -86,5 +86,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # datasets, sampler and loader settings
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation loop
     hooks: list[Component] = field(default_factory=list)  # trainer hooks (HOOKS), run in order
-    metrics: list[Component] = field(default_factory=list)  # validation metrics (METRICS)
     launcher: Component | None = None  # how to launch (LAUNCHERS); None = in this process
