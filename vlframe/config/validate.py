@@ -367,6 +367,11 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, schema: type = Config) -> N
         raise ConfigError(str(e).splitlines()[0]) from e
     R.load_plugins()
     check_section(data, schema)
+    if data.get("launcher") is not None:
+        # The LAUNCHERS registry has no launcher yet: refuse rather than run locally in silence.
+        raise ConfigError(
+            "launcher: only in-process runs are supported (launcher: null); run DDP with torchrun"
+        )
 
 
 def apply_defaults(cfg: DictConfig | Mapping[str, Any], config_path: str | os.PathLike | None = None) -> DictConfig:

@@ -78,7 +78,9 @@ class MLMTask(MaskedTask):
     def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
         super().setup(model=model, info=info, where=where)
         spec = model.spec
-        self.head = self.make_head(self.head_cfg, model=model, sizes={"hidden_size": spec.text_dim, "vocab_size": spec.vocab_size})
+        self.head = self.make_head(self.head_cfg, model=model, sizes={
+            "hidden_size": spec.text_dim, "vocab_size": spec.vocab_size, "num_classes": spec.vocab_size,  # untied heads
+        })
 
     def loss_count(self, batch: VLBatch) -> int:
         return int((batch.targets["txt_labels"] != IGNORE_INDEX).sum())
