@@ -222,3 +222,15 @@ def test_the_guard_catches_an_unread_key():
         train: Train = dataclasses.field(default_factory=Train)
 
     assert unread_schema_keys(Patched) == ["train.frobnicate_level"]
+
+
+def test_list_components_shows_arguments_defaults_and_task_defaults():
+    from vlframe.config import format_components
+
+    tasks = format_components(registry="task")
+    assert "default head: {'type': 'TiedTokenHead'}" in tasks and "default loss: {'type': 'kl_div'}" in tasks
+    assert "default metrics: [{'type': 'accuracy', 'name': 'itm_acc'}" in tasks
+    assert "label_smoothing: float = 0.0" in format_components(registry="loss")
+    heads = format_components(registry="model")
+    assert "vocab_size: int  (as a head: filled in by the task from the model and data)" in heads
+    assert "num_images: int = 50" in format_components(registry="metric")

@@ -127,3 +127,16 @@ def test_list_components_shows_user_component():
 
     text = format_components(config=os.path.join(EXAMPLES, "pretrain_span_mlm.yaml"))
     assert "span" in text and "examples.my_project.span_masker" in text
+
+
+def test_readme_head_typo_message():
+    from vlframe.config import ConfigError
+
+    try:
+        load_and_validate(os.path.join(EXAMPLES, "pretrain_mlp_itm.yaml"), ["tasks.itm.head.hiden=3"])
+    except ConfigError as e:
+        message = str(e)
+    assert message.startswith(
+        "tasks.itm.head.hiden: unknown argument of 'MLPITMHead' (examples.my_project.mlp_itm_head.MLPITMHead); "
+        "did you mean 'tasks.itm.head.hidden'?"
+    ), message

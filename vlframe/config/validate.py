@@ -426,4 +426,29 @@ def format_components(config: str | os.PathLike | None = None, registry: str | N
         for n in names:
             obj = reg.module_dict[n]
             lines.append(f"  {n:<{width}}  {obj.__module__}.{getattr(obj, '__qualname__', obj)}")
+            lines.extend(f"  {'':<{width}}    {line}" for line in describe_arguments(obj, reg))
     return "\n".join(lines)
+
+
+def describe_arguments(cls: Any, registry: Registry) -> list[str]:
+    """One line per keyword argument: ``name: type = default``; sizes a task fills in are marked,
+    and a task's default head / loss / metrics are shown."""
+    params, var_kw = _signature(cls)
+    out = []
+    for name, p in params.items():
+        ann = "" if p.annotation is p.empty else f": {_describe(p.annotation)}"
+        if registry is R.MODELS and name in HEAD_SIZE_KWARGS and p.default is p.empty:
+            default = "  (as a head: filled in by the task from the model and data)"
+        elif p.default is p.empty:
+            default = "  (required)"
+        else:
+            default = f" = {p.default!r}"
+        out.append(f"{name}{ann}{default}")
+    if var_kw:
+        out.append("**kwargs")
+    for attr, label in (("default_head", "default head"), ("default_loss", "default loss"),
+                        ("default_wra_loss", "default wra_loss"), ("default_metrics", "default metrics")):
+        value = getattr(cls, attr, None)
+        if value:
+            out.append(f"{label}: {list(value) if isinstance(value, tuple) else value}")
+    return out

@@ -35,6 +35,9 @@ class CrossEntropyLoss(nn.Module):
 class MSELoss(nn.Module):
     """Mean squared error over every element (MRFR: masked features)."""
 
+    def __init__(self) -> None:  # no arguments: a config that passes one is refused
+        super().__init__()
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(pred.float(), target.float())
 
@@ -43,6 +46,9 @@ class MSELoss(nn.Module):
 class KLDivLoss(nn.Module):
     """KL(target distribution || softmax(logits)), mean over every element as the original's
     MRC-kl (``reduction='none'`` then ``.mean()``), not over rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(logits.float(), -1), target.float(), reduction="none").mean()

@@ -252,6 +252,9 @@ class ITMTask(PairTask):
     loss = CE + wra_weight * wra_loss(OT distances, match), whose default is
     (sum of matched distances - sum of mismatched) / batch size."""
 
+    default_head = {"type": "PooledLinearHead"}
+    default_loss = {"type": "cross_entropy"}
+    default_wra_loss = {"type": "ot_contrast", "normalize": "batch"}
     default_metrics = (
         {"type": "accuracy", "name": "itm_acc"},
         {"type": "ot_distance"},
@@ -271,15 +274,15 @@ class ITMTask(PairTask):
         metrics: list[dict] | None = None,
     ):
         super().__init__(neg_prob=neg_prob, side=side, metrics=metrics)
-        self.head_cfg = dict(head or {"type": "PooledLinearHead"})
-        self.loss_fn = build_loss(loss, {"type": "cross_entropy"}, where="itm.loss")
+        self.head_cfg = dict(head or self.default_head)
+        self.loss_fn = build_loss(loss, self.default_loss, where="itm.loss")
         self.wra_weight = wra_weight
         if wra_weight and ot_solver is None:
             raise ValueError("itm: wra_weight > 0 needs an ot_solver")
         if not wra_weight and (ot_solver is not None or wra_loss is not None):
             raise ValueError("itm: ot_solver / wra_loss are set but wra_weight is 0, so they would be ignored")
         self.solver = build_component(ot_solver, OT_SOLVERS, {}, where="itm.ot_solver") if wra_weight else None
-        self.wra_loss = build_loss(wra_loss, {"type": "ot_contrast", "normalize": "batch"}, where="itm.wra_loss") if wra_weight else None
+        self.wra_loss = build_loss(wra_loss, self.default_wra_loss, where="itm.wra_loss") if wra_weight else None
 
     def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
         super().setup(model=model, info=info, where=where)
@@ -318,13 +321,14 @@ class WRATask(PairTask):
     """Word-region alignment as its own task: by default mean OT distance of matched pairs minus
     that of mismatched pairs (the contrast keeps the representation from collapsing to zero cost)."""
 
+    default_loss = {"type": "ot_contrast", "normalize": "per_side"}
     default_metrics = ({"type": "ot_distance"},)
 
     def __init__(self, *, neg_prob: float = 0.5, side: str = "image", ot_solver: dict | None = None,
                  loss: dict | None = None, metrics: list[dict] | None = None):
         super().__init__(neg_prob=neg_prob, side=side, metrics=metrics)
         self.solver = build_component(ot_solver, OT_SOLVERS, {"type": "ipot"}, where="wra.ot_solver")
-        self.loss_fn = build_loss(loss, {"type": "ot_contrast", "normalize": "per_side"}, where="wra.loss")
+        self.loss_fn = build_loss(loss, self.default_loss, where="wra.loss")
 
     def forward(self, model, batch):
         out = model(batch)
