@@ -115,7 +115,8 @@ def test_head_and_loss_outside_the_repo_from_the_command_line(synth_cache, tmp_p
     assert state["model"]["tasks.itm.head.text.weight"].shape == (2 * 4, 32)
     assert state["config"]["tasks"]["itm"]["loss"] == {"type": "outside_focal", "gamma": 2.0}
     # An argument the user's head does not take fails at validation, naming the dotted path.
-    bad = subprocess.run(cmd[:-4] + ["tasks.itm.head={type: outside_bilinear_itm, rnk: 4}"] + cmd[-3:],
+    typo = [o if not o.startswith("tasks.itm.head=") else "tasks.itm.head={type: outside_bilinear_itm, rnk: 4}" for o in cmd]
+    bad = subprocess.run(typo,
                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "tasks.itm.head.rnk: unknown argument of 'outside_bilinear_itm'" in bad.stderr

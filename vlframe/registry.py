@@ -24,11 +24,10 @@ DATASETS = Registry("dataset", scope="vlframe", locations=["vlframe.data"])
 SAMPLERS = Registry("sampler", scope="vlframe", locations=["vlframe.data"])
 METRICS = Registry("metric", scope="vlframe", locations=["vlframe.metrics"])
 HOOKS = Registry("hook", scope="vlframe", locations=["vlframe.engine.hooks"])
-LAUNCHERS = Registry("launcher", scope="vlframe", locations=["vlframe.launch"])
 
 ALL_REGISTRIES: dict[str, Registry] = {
     r.name: r
-    for r in (MODELS, LOSSES, TASKS, MASKERS, OT_SOLVERS, DATASETS, SAMPLERS, METRICS, HOOKS, LAUNCHERS)
+    for r in (MODELS, LOSSES, TASKS, MASKERS, OT_SOLVERS, DATASETS, SAMPLERS, METRICS, HOOKS)
 }
 
 PLUGIN_GROUP = "vlframe.plugins"

@@ -26,6 +26,7 @@ Component = NewType("Component", dict[str, Any])
 TASK_RESERVED_KEYS: dict[str, type] = {"mix": float}
 
 AmpMode = Literal["auto", "fp32", "bf16", "fp16"]
+Launcher = Literal["local", "slurm"]
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 
 
@@ -58,7 +59,10 @@ class TrainConfig:
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = ge(0, 0)  # linear warmup steps, then linear decay to 0 at max_steps
     clip_grad: float = ge(0, 5.0)  # max global grad norm; 0 = no clipping
-    amp: AmpMode = "auto"  # auto = bf16 on capable CUDA, fp32 on CPU
+    # a step whose loss is NaN/inf (on any rank) is skipped; this many in a row stop the run with
+    # an error naming the step and the task (fp16 overflow of the gradients alone only lowers the scale)
+    max_bad_steps: int = ge(1, 10)
+    amp: AmpMode = "auto"  # auto = bf16 on CUDA with native bf16 (A100, H100), else fp16 + GradScaler (V100); fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     val_interval: int = ge(1, 500)  # validate every this many steps (and at the end)
     val_batches: int = ge(0, 0)  # validation batches per task; 0 = the whole split
@@ -74,16 +78,39 @@ class TrainConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``slurm:`` the job ``launcher: slurm`` submits through submitit (vlframe.launch.slurm)."""
+
+    nodes: int = ge(1, 1)  # nodes of the job
+    tasks_per_node: int = ge(1, 1)  # processes per node: one per GPU (DDP ranks = nodes x tasks_per_node)
+    gpus_per_node: int = ge(0, 0)  # GPUs per node; 0 = no GPU request at all (CPU nodes)
+    cpus_per_task: int = ge(1, 1)  # CPU cores per process (data workers + 1)
+    mem_gb: float | None = None  # memory per node in GB; None = the partition's default
+    partition: str | None = None  # None = the cluster's default partition
+    account: str | None = None  # account charged; None = your default
+    qos: str | None = None  # quality of service; None = default
+    time_min: int = ge(1, 60)  # time limit of one run of the job, minutes (requeues start it afresh)
+    constraint: str | None = None  # node features, e.g. volta32gb
+    job_name: str | None = None  # None = the run folder's name
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {dependency: afterok:123}
+    signal_delay_s: int = ge(0, 120)  # USR2 this many seconds before the time limit (checkpoint + requeue)
+    max_num_timeout: int = ge(0, 3)  # requeues after time-outs (preemptions requeue without limit)
+    array_parallelism: int = ge(1, 256)  # sweeps: array tasks running at once
+
+
+@dataclass
 class Config:
     """The whole config file (after ``_base_`` merging and overrides)."""
 
     custom_imports: list[str] = field(default_factory=list)  # user modules imported before building
     vars: dict[str, Any] = field(default_factory=dict)  # free values for interpolation: ${vars.hidden}
-    seed: int = 0  # global seed (python, numpy, torch; data order)
+    seed: int = 0  # global seed: data order and masks; python, numpy, torch get seed + rank (own stream per rank)
     work_dir: str | None = None  # run folder; None = work_dirs/<config file stem>
     model: Component = MISSING  # the model (MODELS)
     tasks: dict[str, Component] = field(default_factory=dict)  # name -> task node (TASKS), + mix: float = 1
     data: DataConfig = field(default_factory=DataConfig)  # datasets, sampler and loader settings
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation loop
     hooks: list[Component] = field(default_factory=list)  # trainer hooks (HOOKS), run in order
-    launcher: Component | None = None  # how to launch (LAUNCHERS); None = in this process
+    launcher: Launcher = "local"  # local = train in this process | slurm = submit a job as slurm: says
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # the SLURM job (read when launcher=slurm, and by sweeps)

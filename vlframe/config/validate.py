@@ -41,7 +41,6 @@ POSITIONS: list[tuple[str, Registry, dict[str, type]]] = [
     ("data.sampler", R.SAMPLERS, {}),
     ("data.*", R.DATASETS, {}),  # data.train, data.val and any other split
     ("hooks.*", R.HOOKS, {}),
-    ("launcher", R.LAUNCHERS, {}),
 ]
 
 # Key name (fnmatch pattern) of a component node nested in another component -> registry.
@@ -367,11 +366,6 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, schema: type = Config) -> N
         raise ConfigError(str(e).splitlines()[0]) from e
     R.load_plugins()
     check_section(data, schema)
-    if data.get("launcher") is not None:
-        # The LAUNCHERS registry has no launcher yet: refuse rather than run locally in silence.
-        raise ConfigError(
-            "launcher: only in-process runs are supported (launcher: null); run DDP with torchrun"
-        )
 
 
 def apply_defaults(cfg: DictConfig | Mapping[str, Any], config_path: str | os.PathLike | None = None) -> DictConfig:

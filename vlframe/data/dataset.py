@@ -79,6 +79,10 @@ class ImageTextDataset(Dataset):
     examples with an empty text or an image without regions instead of raising (module docstring).
     """
 
+    # Keyword arguments that name folders which must exist before a run starts (checked on the
+    # submitting host by vlframe.launch.check_data_paths, so a typo never waits in a queue).
+    path_kwargs: tuple[str, ...] = ("region_store", "text_store")
+
     def __init__(self, *, region_store: str, text_store: str | Sequence[str], max_text_len: int = 60,
                  conf_threshold: float | None = 0.2, min_regions: int = 10, max_regions: int = 100,
                  fixed_regions: int | None = None, feat_dim: int | None = None,
@@ -283,6 +287,8 @@ class SyntheticPairs(ImageTextDataset):
     :func:`vlframe.data.synthetic.generate_world`) select the world; ``feat_dim`` is both the
     world's feature dimension and the dimension checked on reading.
     """
+
+    path_kwargs: tuple[str, ...] = ()  # cache_dir is created and filled on first use
 
     def __init__(self, *, cache_dir: str = ".cache/vlframe", split: str = "train", domain: str = "in",
                  seed: int = 0, num_images: int = 2000, val_fraction: float = 0.1, feat_dim: int = 256,

@@ -88,6 +88,10 @@ class TokenBudgetSampler(Sampler[list[int]]):
         drop_last: with several replicas, drop the trailing batches that do not divide evenly
             among ranks instead of padding the last round by wrapping around to the first batches.
             With one replica every batch is kept either way.
+        even_ranks: with several replicas, give every rank the same number of batches (by
+            ``drop_last`` or by the wrap-around), as DDP training needs: every rank runs the same
+            steps. ``False`` (evaluation): every batch exactly once, so the first
+            ``len % num_replicas`` ranks get one batch more (not with ``drop_last``).
         num_replicas, rank: DDP world size and rank (default: from ``torch.distributed`` when it
             is initialised, else 1 and 0).
         max_batch_examples: optional cap on examples per batch.
@@ -113,6 +117,7 @@ class TokenBudgetSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        even_ranks: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
         max_batch_examples: int | None = None,
@@ -155,6 +160,9 @@ class TokenBudgetSampler(Sampler[list[int]]):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.even_ranks = bool(even_ranks)
+        if self.drop_last and not self.even_ranks:
+            raise ValueError("TokenBudgetSampler: drop_last evens the ranks out; it contradicts even_ranks=False")
         self.max_batch_examples = None if max_batch_examples is None else int(max_batch_examples)
 
         if num_replicas is None or rank is None:
@@ -257,7 +265,7 @@ class TokenBudgetSampler(Sampler[list[int]]):
     def _rank_batches(self, epoch: int) -> list[list[int]]:
         batches = self._global_batches(epoch)
         r = self.num_replicas
-        if r > 1:
+        if r > 1 and self.even_ranks:
             if self.drop_last:
                 batches = batches[: len(batches) - len(batches) % r]
                 if not batches:

@@ -76,6 +76,13 @@ def rng_state() -> dict:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed every RNG :func:`rng_state` records (python ``random``, NumPy, torch incl. CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlframe.data.batch import collate_keeps_fp16
+from vlframe.engine import distributed as D
 from vlframe.registry import SAMPLERS, build
 
 
@@ -64,7 +65,11 @@ class TaskBatches(Dataset):
 
 
 class TaskStream:
-    """An endless stream of one task's batches; ``state_dict`` records the exact position."""
+    """An endless stream of one task's batches; ``state_dict`` records the exact position.
+
+    Under DDP the sampler deals this rank its share of the epoch's batches (all ranks use the same
+    ``seed``, so they cut the same global plan). ``even_ranks`` (training) gives every rank the
+    same number of batches; ``False`` (validation) sees every batch exactly once."""
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class TaskStream:
         pin_memory: bool | None,
         device: torch.device | str = "cpu",
         where: str = "data.sampler",
+        even_ranks: bool = True,
     ):
         from vlframe.data.loader import DevicePrefetcher, build_loader
 
@@ -90,6 +96,9 @@ class TaskStream:
             lengths=dataset.lengths(),
             seed=seed,
             shuffle=shuffle,
+            num_replicas=D.world_size(),
+            rank=D.rank(),
+            even_ranks=even_ranks,
         )
         self.loader = build_loader(
             TaskBatches(dataset, task),

@@ -4,13 +4,21 @@ gradient accumulation, unscale, clip, step, schedule, hooks. Read it top to bott
 Features
 - One task per step (per gradient-accumulation group), drawn by ``mix`` ratio; under DDP rank 0
   draws and broadcasts, so every rank trains the same task.
-- Accumulation: ``no_sync`` on all micro-steps but the last; each micro-loss is divided by the
-  number of micro-steps, so K micro-batches of N equal one batch of K*N for mean losses.
+- DDP (torchrun, SLURM): the process group comes from the environment (``distributed``); each
+  rank draws its own share of every task's batches and runs the same steps.
+- Accumulation: ``no_sync`` on all micro-steps but the last; each micro-loss is weighted by its
+  ``Task.loss_count`` over the step's total count on all ranks (see ``_loss_weights``), so K
+  micro-batches on R ranks give the gradient of one batch of all their elements, exactly, for a
+  loss that is a mean over ``loss_count`` elements (examples for ITM, masked words for MLM, ...).
+  WRA's loss (mean over matched pairs minus mean over mismatched ones) is no single mean: it is
+  weighted by examples, which is not exact.
 - AMP through ``torch.autocast``: bf16 (no scaler) or fp16 with a GradScaler on CUDA; fp32 on CPU
-  unless asked for. Gradients are unscaled before clipping.
-- Checkpoints (model, optimizer, scheduler, scaler, step, RNG states, data position, the task
-  sampler, the resolved config) are written atomically; ``resume=auto`` continues from the newest
-  good one, exactly where it stopped.
+  unless asked for. Gradients are unscaled before clipping. A step whose loss is not finite on
+  any rank is skipped; ``train.max_bad_steps`` of them in a row stop the run.
+- Checkpoints (model, optimizer, scheduler, scaler, step, every rank's RNG states and data
+  positions, the task sampler, the resolved config) are written atomically by rank 0;
+  ``resume=auto`` continues from the newest good one, exactly where it stopped, each rank with
+  its own streams.
 - Validation every ``val_interval`` steps; progress bar, ``metrics.jsonl`` and TensorBoard.
 """
 from __future__ import annotations
@@ -129,7 +137,7 @@ class RunningLogs:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", D.local_rank())
         return torch.device("cpu")
     return torch.device(name)
 
@@ -145,7 +153,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only: V100s "support" it by slow emulation (the default check says yes).
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return None
     raise ValueError(f"train.amp must be auto, fp32, bf16 or fp16, got {amp!r}")
 
@@ -160,7 +169,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         D.init_from_env(self.device)
-        torch.manual_seed(int(cfg.seed) + D.rank())
+        ckpt.seed_all(int(cfg.seed) + D.rank())  # each rank its own dropout (and other) streams
 
         # Data and tasks.
         self.train_set = build(cfg.data.train, DATASETS, where="data.train")
@@ -205,6 +214,9 @@ class Trainer:
                     dataset=self.val_set, task=task, sampler_cfg=val_sampler, seed=int(cfg.seed) + 7,
                     shuffle=False, num_workers=int(cfg.data.num_workers), pin_memory=cfg.data.get("pin_memory"),
                     device=self.device,
+                    # every batch once over all ranks (ranks may differ by one batch: validation
+                    # runs the bare model, no collective per batch; Average all-reduces once)
+                    even_ranks=False,
                 )
                 for name, task in tasks.items()
             }
@@ -225,6 +237,7 @@ class Trainer:
             )
         self.hooks = [build(h, HOOKS, where=f"hooks.{i}") for i, h in enumerate(cfg.get("hooks") or [])]
         self.step = 0
+        self._bad_steps: list[int] = []  # the current run of consecutive non-finite-loss steps
         self.ckpt_dir = os.path.join(work_dir, "checkpoints")
         self._tb = None
 
@@ -235,23 +248,61 @@ class Trainer:
         self.ddp.train()
         k = len(micro_batches)
         logs: dict[str, torch.Tensor] = {}
+        weights = self._loss_weights(task, micro_batches)
+        finite = []
         for i, batch in enumerate(micro_batches):
             last = i == k - 1
             # Skip the gradient all-reduce on all but the last micro-step.
             sync = contextlib.nullcontext() if last or not D.is_dist() else self.ddp.no_sync()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 loss, micro_logs = self.ddp(task, batch.to(self.device, non_blocking=True))
-                self.scaler.scale(loss / k).backward()
+                self.scaler.scale(loss * weights[i]).backward()
+            finite.append(torch.isfinite(loss.detach()))
             for key, v in micro_logs.items():
                 logs[key] = logs[key] + v.detach() / k if key in logs else v.detach() / k
+        # All ranks agree (one all-reduce), so they skip or stop together. This is the one host
+        # sync of a step: skipping needs the answer before the optimizer steps.
+        bad = D.any_rank(~torch.stack(finite).all())
         self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_grad:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad)
-        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
+        if bad:
+            self._bad_step(task)  # no optimizer step; under fp16 the scaler's update lowers the scale
+        else:
+            self._bad_steps.clear()
+            self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return logs
+
+    def _loss_weights(self, task: str, micro_batches: list[Any]) -> torch.Tensor:
+        """The weight of each micro-batch's loss: ``world_size * n_i / N``, where ``n_i`` is its
+        ``loss_count`` and ``N`` the sum over the step's micro-batches on all ranks (one
+        all-reduce, before the forward). DDP averages gradients over ranks, which the
+        ``world_size`` factor undoes, so the optimizer sees ``sum_i n_i / N * grad(mean_i)``
+        = the gradient of ``sum of all N elements' losses / N``: one batch holding everything.
+        With equal counts this is the plain ``1 / K``."""
+        t = self.module.tasks[task]
+        counts = torch.stack([
+            torch.as_tensor(t.loss_count(b), dtype=torch.float64, device=self.device) for b in micro_batches
+        ])
+        total = D.all_reduce_sum(counts.sum())
+        return (counts * (D.world_size() / total)).float()
+
+    def _bad_step(self, task: str) -> None:
+        """Count a skipped step with a non-finite loss; too many in a row stop the run."""
+        step = self.step + 1  # the number this step gets in the log
+        self._bad_steps.append(step)
+        limit = int(self.cfg.train.max_bad_steps)
+        log.warning("step %d (task %s): non-finite loss, optimizer step skipped (%d in a row, train.max_bad_steps=%d)",
+                    step, task, len(self._bad_steps), limit)
+        if len(self._bad_steps) >= limit:
+            raise RuntimeError(
+                f"step {step}, task {task!r}: the loss was NaN or inf in {len(self._bad_steps)} consecutive steps "
+                f"(steps {self._bad_steps[0]}-{step}; train.max_bad_steps={limit}); stopping. Lower train.lr, "
+                f"check the data of task {task!r}, or train with train.amp=bf16/fp32"
+            )
 
     # ----------------------------------------------------------------------------- the loop
     def train(self) -> dict[str, float]:
@@ -299,7 +350,8 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        if not os.path.isfile(self._ckpt_path()):  # e.g. max_steps=0 (the no-pretraining baseline)
+        # e.g. max_steps=0 (the no-pretraining baseline); rank 0 looks: save() is collective
+        if not D.broadcast_int(int(D.is_main() and os.path.isfile(self._ckpt_path()))):
             self.save()
         if self.val_streams and not last_val:  # nothing trained in this call: still report
             last_val = self.validate()
@@ -344,7 +396,14 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------------------- state
+    def _rank_state(self) -> dict:
+        """What differs between ranks: RNG streams and data positions."""
+        return {"rng": ckpt.rng_state(), "data": {name: s.state_dict() for name, s in self.streams.items()}}
+
     def state_dict(self) -> dict:
+        """The whole run. Under DDP a collective (every rank calls it) that is complete on rank 0:
+        ``rng`` and ``data`` are lists indexed by rank."""
+        ranks = D.gather_to_main(self._rank_state())
         return {
             "step": self.step,
             "model": self.module.state_dict(),
@@ -352,31 +411,45 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "chooser": self.chooser.state_dict(),
-            "data": {name: s.state_dict() for name, s in self.streams.items()},
-            "rng": ckpt.rng_state(),
+            "world_size": D.world_size(),
+            "data": [r["data"] for r in ranks] if ranks else None,
+            "rng": [r["rng"] for r in ranks] if ranks else None,
             "hooks": [h.state_dict() for h in self.hooks],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, source: str = "checkpoint") -> None:
+        """Restore the run; each rank takes its own RNG streams and data positions. A checkpoint
+        of another world size is refused: its ranks' streams cannot be dealt to this run's."""
+        saved = state.get("world_size")
+        if saved is None:
+            raise ValueError(f"{source}: no per-rank RNG and data state (written before vlframe saved them); "
+                             f"start a new run from its weights with train.init_from={source}")
+        if int(saved) != D.world_size():
+            raise ValueError(
+                f"{source}: written by a run of world size {saved}, this run has world size {D.world_size()}; "
+                f"resume with {saved} processes, or start a new run from its weights with train.init_from={source}"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.chooser.load_state_dict(state["chooser"])
-        for name, s in state["data"].items():
+        for name, s in state["data"][D.rank()].items():
             if name in self.streams:
                 self.streams[name].load_state_dict(s)
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"][D.rank()])
         for h, hs in zip(self.hooks, state.get("hooks", [])):
             h.load_state_dict(hs)
         self.step = int(state["step"])
 
     def save(self) -> str | None:
+        """Every rank calls it (the per-rank states are gathered); rank 0 writes."""
+        state = self.state_dict()
         if not D.is_main():
             return None
         path = self._ckpt_path()
-        ckpt.atomic_save(self.state_dict(), path)
+        ckpt.atomic_save(state, path)
         ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts))
         for h in self.hooks:
             h.after_checkpoint(self, path)
@@ -408,7 +481,7 @@ class Trainer:
             path, state = found
         else:
             path, state = resume, ckpt.load(resume)
-        self.load_state_dict(state)
+        self.load_state_dict(state, source=path)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _log(self, values: dict[str, float]) -> None:

@@ -104,8 +104,12 @@ class Task(nn.Module):
     def forward(self, model: nn.Module, batch: VLBatch) -> TaskOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
-    def loss_count(self, batch: VLBatch) -> int:
-        """How many items the task's mean loss averages over in ``batch`` (default: examples)."""
+    def loss_count(self, batch: VLBatch) -> int | torch.Tensor:
+        """How many elements ``forward``'s loss is a mean over, read from the collated batch
+        before the forward (an int, or a 0-d tensor on the batch's device: no host sync). The
+        trainer weighs each micro-batch's loss by its count over the step's total count (all
+        micro-batches of all ranks), which makes accumulation and DDP exact for a mean loss.
+        Default: the number of examples (a per-example mean)."""
         return batch.size
 
     @torch.no_grad()

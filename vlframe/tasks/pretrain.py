@@ -82,8 +82,8 @@ class MLMTask(MaskedTask):
             "hidden_size": spec.text_dim, "vocab_size": spec.vocab_size, "num_classes": spec.vocab_size,  # untied heads
         })
 
-    def loss_count(self, batch: VLBatch) -> int:
-        return int((batch.targets["txt_labels"] != IGNORE_INDEX).sum())
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return (batch.targets["txt_labels"] != IGNORE_INDEX).sum()  # the CE is a mean over masked words
 
     def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
         labels = batch.targets["txt_labels"]
@@ -102,8 +102,8 @@ class RegionTask(MaskedTask):
     def _masked_states(self, model: VLEncoder, batch: VLBatch) -> torch.Tensor:
         return model(batch).regions[batch.img_masked]
 
-    def _masked_regions(self, batch: VLBatch) -> int:
-        return int(batch.img_masked.sum()) if batch.img_masked is not None else 0
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum()  # losses that are a mean over masked regions (MRC)
 
 
 @TASKS.register_module(name="mrfr")
@@ -119,8 +119,8 @@ class MRFRTask(RegionTask):
         spec = model.spec
         self.head = self.make_head(self.head_cfg, model=model, sizes={"hidden_size": spec.region_dim, "feat_dim": spec.feat_dim})
 
-    def loss_count(self, batch: VLBatch) -> int:
-        return self._masked_regions(batch) * int(batch.img_feat.shape[-1])
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum() * batch.img_feat.shape[-1]  # MSE: mean over regions x features
 
     def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
         pred = self.head(self._masked_states(model, batch))
@@ -170,9 +170,6 @@ class MRCTask(_RegionClassTask):
 
     default_loss = {"type": "cross_entropy"}
 
-    def loss_count(self, batch: VLBatch) -> int:
-        return self._masked_regions(batch)
-
     def loss_target(self, soft: torch.Tensor) -> torch.Tensor:
         return self.top_class(soft)
 
@@ -188,8 +185,8 @@ class MRCKLTask(_RegionClassTask):
 
     default_loss = {"type": "kl_div"}
 
-    def loss_count(self, batch: VLBatch) -> int:
-        return self._masked_regions(batch) * int(self.info.num_labels)
+    def loss_count(self, batch: VLBatch) -> torch.Tensor:
+        return batch.img_masked.sum() * batch.soft_labels.shape[-1]  # KL: mean over regions x classes
 
     def loss_target(self, soft: torch.Tensor) -> torch.Tensor:
         return soft
@@ -308,7 +305,7 @@ class ITMTask(PairTask):
     @torch.no_grad()
     def evaluate(self, model, batch):
         res = self.forward(model, batch)
-        return res.outputs | {"loss": res.loss, "loss_count": batch.size}
+        return res.outputs | {"loss": res.loss, "loss_count": self.loss_count(batch)}
 
     @torch.no_grad()
     def score_pairs(self, model, batch) -> torch.Tensor:
@@ -340,4 +337,4 @@ class WRATask(PairTask):
     @torch.no_grad()
     def evaluate(self, model, batch):
         res = self.forward(model, batch)
-        return res.outputs | {"loss": res.loss, "loss_count": batch.size}
+        return res.outputs | {"loss": res.loss, "loss_count": self.loss_count(batch)}

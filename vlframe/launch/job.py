@@ -1,0 +1,110 @@
+"""One training run, as a local call or as the callable a SLURM job runs.
+
+``run_training`` is the one path every launcher ends in. Before the trainer resumes (``resume:
+auto``) it drops the records of ``metrics.jsonl`` logged after the checkpoint it resumes from:
+those steps are trained again, so each step appears once in the log whatever was interrupted.
+After the last step rank 0 writes ``done.json`` (final metrics, ``max_steps``): a sweep treats a
+folder holding it, for the same ``max_steps``, as finished.
+
+``TrainJob`` follows submitit's checkpointing protocol: on preemption or time-out submitit calls
+its ``checkpoint()`` (on global rank 0), which resubmits the same job with ``resume: auto``; the
+job requeues and continues from the newest checkpoint the trainer saved. A job restarted by
+``scontrol requeue`` (no ``checkpoint()`` call) sees ``SLURM_RESTART_COUNT`` and resumes the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlframe.engine import checkpoint as ckpt
+from vlframe.io import atomic_write
+
+log = logging.getLogger("vlframe")
+
+DONE_FILE = "done.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_done(work_dir: str) -> dict | None:
+    path = os.path.join(work_dir, DONE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def drop_logs_after(work_dir: str, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without the records of steps after ``step``; returns how many went."""
+    path = os.path.join(work_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if int(json.loads(line)["step"]) <= step]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.writelines(keep), binary=False)
+        log.info("%s: dropped %d records after step %d (trained again now)", path, len(lines) - len(keep), step)
+    return len(lines) - len(keep)
+
+
+def run_training(cfg: DictConfig, work_dir: str) -> dict[str, float]:
+    """Train ``cfg`` into ``work_dir``; returns the last validation metrics."""
+    from vlframe.engine import distributed as D
+    from vlframe.engine.trainer import Trainer
+
+    # Before the process group exists: the launcher's RANK says who is rank 0.
+    if str(cfg.train.resume) == "auto" and int(os.environ.get("RANK", "0")) == 0:
+        found = ckpt.newest_good(os.path.join(work_dir, "checkpoints"))
+        drop_logs_after(work_dir, int(found[1]["step"]) if found else 0)
+    metrics = Trainer(cfg, work_dir=work_dir).train()
+    if D.is_main():
+        record = {"max_steps": int(cfg.train.max_steps), "metrics": metrics}
+        atomic_write(os.path.join(work_dir, DONE_FILE), lambda f: json.dump(record, f), binary=False)
+    return metrics
+
+
+def export_torch_env(*, single_node: bool) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (the job's first host) and MASTER_PORT (derived
+    from the job id) from submitit's job environment, for the trainer's env:// process group."""
+    import submitit
+
+    env = submitit.helpers.TorchDistributedEnvironment()
+    # The trainer picks cuda:LOCAL_RANK among the node's GPUs itself.
+    env.export(set_cuda_visible_devices=False, overwrite=True)
+    if single_node and env.world_size > 1:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo between processes of one node
+    return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+class TrainJob:
+    """The callable a SLURM job runs: a plain config (no tensors, no modules) and the run folder."""
+
+    def __init__(self, config: dict[str, Any], work_dir: str):
+        self.config = config
+        self.work_dir = work_dir
+
+    def __call__(self) -> dict[str, float]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        cfg = OmegaConf.create(self.config)
+        if "OMP_NUM_THREADS" not in os.environ:  # torch would run as many threads as the node has cores, per rank
+            import torch
+
+            torch.set_num_threads(int(cfg.slurm.cpus_per_task))
+        env = export_torch_env(single_node=int(cfg.slurm.nodes) == 1)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if restarts and str(cfg.train.resume) != "auto" and ckpt.list_checkpoints(os.path.join(self.work_dir, "checkpoints")):
+            cfg.train.resume = "auto"  # requeued: continue this run, not the one it started from
+        log.info("job %s restart %d: %s", os.environ.get("SLURM_JOB_ID"), restarts, env)
+        return run_training(cfg, self.work_dir)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit: preempted or timed out; requeue this job, to resume from its newest checkpoint."""
+        import submitit
+
+        config = OmegaConf.to_container(OmegaConf.create(self.config), resolve=True)
+        config["train"]["resume"] = "auto"
+        return submitit.helpers.DelayedSubmission(TrainJob(config, self.work_dir))
