@@ -249,10 +249,12 @@ def test_accumulation_under_ddp_equals_one_big_batch(synth_cache, tmp_path):
 
 
 def test_accumulation_weights_by_masked_elements_in_one_process(synth_cache, tmp_path):
-    """The same without DDP for the region tasks: 4 uneven micro-batches == one batch (1e-6)."""
-    overrides = _linear_step(synth_cache)
+    """The same without DDP for the region tasks: 4 uneven micro-batches == one batch (1e-6).
+    MRFR is a mean over masked regions x features, MRC over masked regions, MRC-kl over masked
+    regions x classes."""
+    overrides = _linear_step(synth_cache) + ["tasks.mrc={type: mrc, masker: {type: conditional, region_prob: 0.15}}"]
     a, b = _trainer(overrides, str(tmp_path / "a")), _trainer(overrides, str(tmp_path / "b"))
-    for task in ("mrfr", "mrc_kl"):
+    for task in ("mrfr", "mrc", "mrc_kl"):
         big = _big_batch(a, task)
         counts = [int(a.module.tasks[task].loss_count(_slice(big, lo, hi))) for r in SPLITS for lo, hi in r]
         assert len(set(counts)) > 1, counts
@@ -313,6 +315,7 @@ def test_killed_ddp_run_resumes_each_ranks_rng_stream(synth_cache, tmp_path):
             assert torch.equal(resumed[r]["masks"][step], full[r]["masks"][step]), f"rank {r}, step {step}"
             for got, want in zip(resumed[r]["states"][step], full[r]["states"][step]):
                 assert torch.equal(got, want), f"rank {r}, step {step}: python/NumPy RNG not restored"
+    for r in range(WORLD):
         for k, v in full[r]["params"].items():
             assert torch.equal(resumed[r]["params"][k], v), f"rank {r}: resumed vs uninterrupted differ at {k}"
     # Each rank has its own stream: rank 0's masks are not rank 1's.

@@ -1,4 +1,5 @@
-"""Under DDP every rank trains the same task at each step: rank 0 draws, the others receive.
+"""Process-group helpers. Under DDP every rank trains the same task at each step: rank 0 draws,
+the others receive.
 
 Two real gloo processes on this machine. Each rank seeds its chooser differently, so without the
 broadcast their draws would disagree (checked too)."""
@@ -58,3 +59,20 @@ def test_task_phases_replace_the_mix_until_their_step():
         TaskChooser({"mlm": 1}, seed=0, phases=[{"until_step": 5, "mix": {"itm": 1}}])
     with pytest.raises(ValueError, match=r"train.phases\[1\].until_step must increase"):
         TaskChooser({"mlm": 1}, seed=0, phases=[{"until_step": 5, "mix": {"mlm": 1}}, {"until_step": 5, "mix": {"mlm": 1}}])
+
+
+def test_incomplete_launcher_environment_is_named(monkeypatch):
+    import pytest
+
+    from vlframe.engine import distributed as D
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but MASTER_ADDR not set"):
+        D.init_from_env(torch.device("cpu"))
+    assert not D.is_dist()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no group, every helper a no-op
+    assert D.init_from_env(torch.device("cpu")) is False
+    assert (D.rank(), D.world_size(), D.any_rank(torch.tensor(True)), D.gather_to_main({"a": 1})) == (0, 1, True, [{"a": 1}])

@@ -175,6 +175,20 @@ def test_distributed_dealing(replicas, drop_last):
     assert per_rank[0] != per_rank[1]
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_uneven_dealing_for_evaluation(replicas):
+    """even_ranks=False: every batch exactly once over the ranks, the first ones one more."""
+    t, r = coco_like(777, seed=1)  # 77 batches
+    kw = dict(lengths=t + r, budget=1000, bucket_size=300, seed=2, shuffle=False)
+    glob = list(TokenBudgetSampler(**kw))
+    assert len(glob) % replicas, "want a count the ranks cannot share evenly"
+    per_rank = [list(TokenBudgetSampler(**kw, num_replicas=replicas, rank=i, even_ranks=False)) for i in range(replicas)]
+    assert [len(b) for b in per_rank] == [len(glob[i::replicas]) for i in range(replicas)]
+    assert sorted(tuple(b) for rank in per_rank for b in rank) == sorted(map(tuple, glob))
+    with pytest.raises(ValueError, match="contradicts even_ranks=False"):
+        TokenBudgetSampler(**kw, num_replicas=replicas, rank=0, even_ranks=False, drop_last=True)
+
+
 def test_defaults_from_torch_distributed(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:

@@ -62,7 +62,8 @@ class TrainConfig:
     # a step whose loss is NaN/inf (on any rank) is skipped; this many in a row stop the run with
     # an error naming the step and the task (fp16 overflow of the gradients alone only lowers the scale)
     max_bad_steps: int = ge(1, 10)
-    amp: AmpMode = "auto"  # auto = bf16 on CUDA with native bf16 (A100, H100), else fp16 + GradScaler (V100); fp32 on CPU
+    # auto = bf16 on GPUs with native bf16 (A100, H100), else fp16 with a GradScaler (V100); fp32 on CPU
+    amp: AmpMode = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     val_interval: int = ge(1, 500)  # validate every this many steps (and at the end)
     val_batches: int = ge(0, 0)  # validation batches per task; 0 = the whole split
