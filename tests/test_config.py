@@ -29,15 +29,15 @@ class CfgTestModel:
 
 @R.MODELS.register_module(name="cfgtest_head")
 class CfgTestHead:
-    injected_kwargs = ("hidden_size",)  # the model passes it when it builds the head
-
-    def __init__(self, *, hidden_size: int, num_classes: int):
+    # hidden_size and num_classes are head sizes the task fills in (HEAD_SIZE_KWARGS).
+    def __init__(self, *, hidden_size: int, num_classes: int, depth: int):
         self.num_classes = num_classes
 
 
 @R.TASKS.register_module(name="cfgtest_task")
 class CfgTestTask:
-    def __init__(self, *, ot_solver: dict | None = None, neg_prob: float = 0.5, extras: dict | None = None):
+    def __init__(self, *, ot_solver: dict | None = None, neg_prob: float = 0.5, extras: dict | None = None,
+                 metrics: list[dict] | None = None):
         self.ot_solver = ot_solver
 
 
@@ -278,8 +278,11 @@ def test_unknown_type_names_closest(base_cfg):
 
 
 def test_nested_heads_injected_kwargs_and_unknown_key_names(base_cfg):
-    validate(load_config(base_cfg, ["model.head={type: cfgtest_head, num_classes: 3}"]))
-    assert error_of(base_cfg, ["model.head={type: cfgtest_head}"]).endswith(": num_classes")
+    validate(load_config(base_cfg, ["model.head={type: cfgtest_head, depth: 3}"]))  # sizes are injected
+    assert error_of(base_cfg, ["model.head={type: cfgtest_head}"]).endswith(": depth")
+    assert error_of(base_cfg, ["model.head={type: cfgtest_head, depth: 1, dept: 2}"]).startswith(
+        "model.head.dept: unknown argument of 'cfgtest_head'"
+    )
     assert error_of(base_cfg, ["tasks.itm.extras={solver: {type: cfgtest_ipot}}"]).startswith(
         "tasks.itm.extras.solver: a component node (type 'cfgtest_ipot') under key 'solver', "
         "which names no registry"
@@ -292,9 +295,9 @@ def test_reserved_mix_extra_splits_and_kwargs_classes(base_cfg):
     validate(load_config(base_cfg, ["data.test={type: cfgtest_dataset, path: /t}"]))
     assert error_of(base_cfg, ["data.test={type: cfgtest_dataset}"]).startswith("data.test: missing required")
     # **options accepts any key; declared ones are still type-checked
-    validate(load_config(base_cfg, ["metrics=[{type: cfgtest_kwargs_metric, name: acc, anything: 1}]"]))
-    assert error_of(base_cfg, ["metrics=[{type: cfgtest_kwargs_metric, name: 3}]"]) == (
-        "metrics.0.name: expected str, got int 3"
+    validate(load_config(base_cfg, ["tasks.itm.metrics=[{type: cfgtest_kwargs_metric, name: acc, anything: 1}]"]))
+    assert error_of(base_cfg, ["tasks.itm.metrics=[{type: cfgtest_kwargs_metric, name: 3}]"]) == (
+        "tasks.itm.metrics.0.name: expected str, got int 3"
     )
 
 

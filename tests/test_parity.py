@@ -177,11 +177,13 @@ def test_itm_with_wra_matches_original(ref, module):
     logits_ref, (pos_ref, neg_ref) = r["outputs"]
     ce_ref, (pos_loss_ref, neg_loss_ref) = r["losses"]
     close(res.outputs["logits"], logits_ref)
-    close(torch.tensor(res.logs["ce"]), ce_ref.mean())
-    close(res.outputs["ot_pos"], pos_loss_ref, OT_ATOL)
-    close(res.outputs["ot_neg"], neg_loss_ref, OT_ATOL)
-    close(res.outputs["ot_pos"], pos_ref, OT_ATOL)
-    close(res.outputs["ot_neg"], neg_ref, OT_ATOL)
+    close(res.logs["ce"], ce_ref.mean())
+    matched = batch.targets["itm"] == 1
+    ot_pos, ot_neg = res.outputs["ot_distance"][matched], res.outputs["ot_distance"][~matched]
+    close(ot_pos, pos_loss_ref, OT_ATOL)
+    close(ot_neg, neg_loss_ref, OT_ATOL)
+    close(ot_pos, pos_ref, OT_ATOL)
+    close(ot_neg, neg_ref, OT_ATOL)
     # The original's total: ITM CE + 0.1 * (sum of matched OT - sum of mismatched) / batch.
     ot_loss = (pos_loss_ref.sum() - neg_loss_ref.sum()) / (pos_loss_ref.numel() + neg_loss_ref.numel())
     close(res.loss, ce_ref.mean() + 0.1 * ot_loss)  # the loss itself within 1e-5

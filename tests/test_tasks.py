@@ -92,7 +92,9 @@ def test_wra_inside_itm_follows_the_original_formula(world):
     task = _task({"type": "itm", "wra_weight": 0.1, "ot_solver": {"type": "ipot"}}, world)
     batch = task.collate(_examples(ds), generator=torch.Generator().manual_seed(4), dataset=ds)
     out = task(model, batch)
-    pos, neg = out.outputs["ot_pos"], out.outputs["ot_neg"]
-    assert pos.numel() + neg.numel() == batch.size
-    expected = out.logs["ce"] + 0.1 * float((pos.sum() - neg.sum()).detach() / batch.size)
+    matched = batch.targets["itm"] == 1
+    d = out.outputs["ot_distance"]
+    pos, neg = d[matched], d[~matched]
+    assert pos.numel() + neg.numel() == batch.size and pos.numel() and neg.numel()
+    expected = float(out.logs["ce"]) + 0.1 * float((pos.sum() - neg.sum()).detach() / batch.size)
     assert abs(out.loss.item() - expected) < 1e-5

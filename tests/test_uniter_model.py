@@ -72,7 +72,7 @@ def test_text_path_equals_bert():
     assert diff < 1e-5, diff
     assert (o.pooled - r.pooler_output).abs().max().item() < 1e-5
     # The weights really came from the checkpoint (not a coincidence of two random inits).
-    assert torch.equal(ours.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
+    assert torch.equal(ours.tie_targets()["word_embeddings"].weight, ref.embeddings.word_embeddings.weight)
 
 
 def _random_inputs(seed=0, b=4, t=9, k=7, d=24):

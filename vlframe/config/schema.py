@@ -113,6 +113,5 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # datasets, sampler and loader settings
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation loop
     hooks: list[Component] = field(default_factory=list)  # trainer hooks (HOOKS), run in order
-    metrics: list[Component] = field(default_factory=list)  # validation metrics (METRICS)
     launcher: Launcher = "local"  # local = train in this process | slurm = submit a job as slurm: says
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # the SLURM job (read when launcher=slurm, and by sweeps)

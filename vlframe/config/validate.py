@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from vlframe import registry as R
 from vlframe.config.loader import ConfigError, config_to_dict, load_config
 from vlframe.config.schema import TASK_RESERVED_KEYS, Component, Config
+from vlframe.modules.heads import HEAD_SIZE_KWARGS
 
 # Position of a node in the config (dotted path, one fnmatch pattern per segment) -> registry.
 # The first matching row wins. ``reserved``: keys the trainer consumes (type-checked here, never
@@ -40,7 +41,6 @@ POSITIONS: list[tuple[str, Registry, dict[str, type]]] = [
     ("data.sampler", R.SAMPLERS, {}),
     ("data.*", R.DATASETS, {}),  # data.train, data.val and any other split
     ("hooks.*", R.HOOKS, {}),
-    ("metrics.*", R.METRICS, {}),
 ]
 
 # Key name (fnmatch pattern) of a component node nested in another component -> registry.
@@ -49,9 +49,18 @@ NESTED: list[tuple[str, Registry]] = [
     ("masker", R.MASKERS),
     ("ot_solver", R.OT_SOLVERS),
     ("loss", R.LOSSES),
+    ("*_loss", R.LOSSES),
     ("head", R.MODELS),
     ("*_head", R.MODELS),
+    ("metrics", R.METRICS),
     ("sampler", R.SAMPLERS),
+]
+
+# Arguments that the parent fills in at build time, by the key name of the nested node: a head's
+# sizes come from the model's spec and the data (vlframe.modules.heads.build_head).
+NESTED_INJECTED: list[tuple[str, tuple[str, ...]]] = [
+    ("head", HEAD_SIZE_KWARGS),
+    ("*_head", HEAD_SIZE_KWARGS),
 ]
 
 _MISSING = MISSING  # omegaconf's "???": a required value nobody set
@@ -208,7 +217,13 @@ def _signature(cls: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     return params, var_kw
 
 
-def check_component(node: Any, registry: Registry, path: str, reserved: Mapping[str, type] | None = None) -> None:
+def check_component(
+    node: Any,
+    registry: Registry,
+    path: str,
+    reserved: Mapping[str, type] | None = None,
+    injected: tuple[str, ...] = (),
+) -> None:
     """Check one component node (and the nodes nested in it) against its registered class."""
     if not _is_node(node):
         raise ConfigError(
@@ -247,7 +262,7 @@ def check_component(node: Any, registry: Registry, path: str, reserved: Mapping[
         if param is not None and not (value is None and param.default is None):
             check_type(value, param.annotation, p)
         _check_nested(value, str(key), p)
-    injected = set(getattr(cls, "injected_kwargs", ()))
+    injected = set(injected) | set(getattr(cls, "injected_kwargs", ()))
     missing = [n for n, prm in params.items() if prm.default is prm.empty and n not in node and n not in injected]
     if missing:
         raise ConfigError(f"{path}: missing required argument(s) of {where}: {', '.join(missing)}")
@@ -262,7 +277,8 @@ def _check_nested(value: Any, key: str, path: str) -> None:
                 f"{path}: a component node (type {value['type']!r}) under key {key!r}, which names no registry; "
                 f"name the key after its registry ({known})"
             )
-        check_component(value, registry, path)
+        injected = next((names for pattern, names in NESTED_INJECTED if fnmatchcase(key, pattern)), ())
+        check_component(value, registry, path, injected=injected)
     elif isinstance(value, Mapping):
         for k, v in value.items():
             _check_nested(v, str(k), _join(path, k))
@@ -404,4 +420,29 @@ def format_components(config: str | os.PathLike | None = None, registry: str | N
         for n in names:
             obj = reg.module_dict[n]
             lines.append(f"  {n:<{width}}  {obj.__module__}.{getattr(obj, '__qualname__', obj)}")
+            lines.extend(f"  {'':<{width}}    {line}" for line in describe_arguments(obj, reg))
     return "\n".join(lines)
+
+
+def describe_arguments(cls: Any, registry: Registry) -> list[str]:
+    """One line per keyword argument: ``name: type = default``; sizes a task fills in are marked,
+    and a task's default head / loss / metrics are shown."""
+    params, var_kw = _signature(cls)
+    out = []
+    for name, p in params.items():
+        ann = "" if p.annotation is p.empty else f": {_describe(p.annotation)}"
+        if registry is R.MODELS and name in HEAD_SIZE_KWARGS and p.default is p.empty:
+            default = "  (as a head: filled in by the task from the model and data)"
+        elif p.default is p.empty:
+            default = "  (required)"
+        else:
+            default = f" = {p.default!r}"
+        out.append(f"{name}{ann}{default}")
+    if var_kw:
+        out.append("**kwargs")
+    for attr, label in (("default_head", "default head"), ("default_loss", "default loss"),
+                        ("default_wra_loss", "default wra_loss"), ("default_metrics", "default metrics")):
+        value = getattr(cls, attr, None)
+        if value:
+            out.append(f"{label}: {list(value) if isinstance(value, tuple) else value}")
+    return out

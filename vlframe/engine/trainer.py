@@ -38,7 +38,8 @@ from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
 from vlframe.engine.optim import build_optimizer, linear_warmup_decay
-from vlframe.metrics.average import Average
+from vlframe.metrics.base import DatasetMetric
+from vlframe.models import VLEncoder
 from vlframe.registry import DATASETS, HOOKS, MODELS, TASKS, build, import_custom
 from vlframe.tasks.base import DataInfo
 
@@ -53,7 +54,7 @@ class VLModule(nn.Module):
         self.model = model
         self.tasks = nn.ModuleDict(tasks)
 
-    def forward(self, task: str, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, task: str, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.tasks[task](self.model, batch)
         return out.loss, out.logs
 
@@ -106,6 +107,33 @@ class TaskChooser:
         self.generator.set_state(state["generator"])
 
 
+class RunningLogs:
+    """Per-task running means of the step logs over the log interval, kept on the device."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps: dict[str, int] = {}
+
+    def add(self, task: str, logs: dict[str, torch.Tensor]) -> None:
+        sums = self.sums.setdefault(task, {})
+        for k, v in logs.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            sums[k] = sums[k] + v if k in sums else v
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+    def read(self) -> dict[str, float]:
+        """``train/<task>/<key>``: mean over the steps of that task since the last read."""
+        keys = [(t, k) for t, sums in self.sums.items() for k in sums]
+        if not keys:
+            return {}
+        first = self.sums[keys[0][0]][keys[0][1]]
+        values = torch.stack([self.sums[t][k].reshape(()).to(first.device) for t, k in keys]).tolist()
+        out = {f"train/{t}/{k}": v / self.steps[t] for (t, k), v in zip(keys, values)}
+        out |= {f"train/{t}/steps": float(n) for t, n in self.steps.items()}
+        self.sums, self.steps = {}, {}
+        return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -148,16 +176,19 @@ class Trainer:
         self.val_set = build(cfg.data.val, DATASETS, where="data.val") if cfg.data.get("val") else None
         info = DataInfo.from_dataset(self.train_set)
         self.model = build(cfg.model, MODELS, where="model")
-        if self.model.img_dim != info.feat_dim:
+        if not isinstance(self.model, VLEncoder):
+            raise TypeError(f"model: {type(self.model).__name__} does not implement vlframe.models.VLEncoder")
+        if self.model.spec.feat_dim != info.feat_dim:
             raise ValueError(
-                f"model.img_dim={self.model.img_dim} but the region store of data.train has feat_dim={info.feat_dim}"
+                f"model: reads region features of size {self.model.spec.feat_dim}, but the region store of "
+                f"data.train has feat_dim={info.feat_dim}"
             )
         tasks, mix = {}, {}
         for name, node in cfg.tasks.items():
             node = OmegaConf.to_container(node, resolve=True)
             mix[name] = node.pop("mix", 1.0)
             tasks[name] = build(node, TASKS, where=f"tasks.{name}")
-            tasks[name].setup(model=self.model, info=info)
+            tasks[name].setup(model=self.model, info=info, where=f"tasks.{name}")
         self.module = VLModule(self.model, tasks).to(self.device)
         phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
         self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
@@ -211,11 +242,12 @@ class Trainer:
         self._tb = None
 
     # ----------------------------------------------------------------------------- one step
-    def train_step(self, task: str, micro_batches: list[Any]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` of ``task``; returns the logs."""
+    def train_step(self, task: str, micro_batches: list[Any]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` of ``task``; returns the logs as device
+        tensors (read on the host only at the log interval: no sync per step)."""
         self.ddp.train()
         k = len(micro_batches)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         weights = self._loss_weights(task, micro_batches)
         finite = []
         for i, batch in enumerate(micro_batches):
@@ -227,23 +259,21 @@ class Trainer:
                 self.scaler.scale(loss * weights[i]).backward()
             finite.append(torch.isfinite(loss.detach()))
             for key, v in micro_logs.items():
-                logs[key] = logs.get(key, 0.0) + v / k
-        # All ranks agree (one all-reduce), so they skip or stop together.
+                logs[key] = logs[key] + v.detach() / k if key in logs else v.detach() / k
+        # All ranks agree (one all-reduce), so they skip or stop together. This is the one host
+        # sync of a step: skipping needs the answer before the optimizer steps.
         bad = D.any_rank(~torch.stack(finite).all())
         self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_grad:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad)
         if bad:
             self._bad_step(task)  # no optimizer step; under fp16 the scaler's update lowers the scale
         else:
             self._bad_steps.clear()
             self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
-        if self.scaler.is_enabled():
-            logs["loss_scale"] = float(self.scaler.get_scale())
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
 
     def _loss_weights(self, task: str, micro_batches: list[Any]) -> torch.Tensor:
@@ -292,18 +322,25 @@ class Trainer:
             bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last_val: dict[str, float] = {}
         t0 = time.time()
+        window = RunningLogs()
         while self.step < tc.max_steps:
             task = self.chooser.choose(self.step)
             micro = [self.streams[task].next() for _ in range(int(tc.grad_accum))]
             logs = self.train_step(task, micro)
             self.step += 1
+            window.add(task, logs)
             for h in self.hooks:
                 h.after_step(self, task, logs)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(task=task, loss=f"{logs.get('loss', float('nan')):.3f}")
             if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
-                self._log({f"train/{task}/{k}": v for k, v in logs.items()} | {"time": time.time() - t0})
+                record = window.read()  # the one host sync of the interval
+                record["lr"] = self.scheduler.get_last_lr()[0]
+                if self.scaler.is_enabled():
+                    record["loss_scale"] = float(self.scaler.get_scale())
+                self._log(record | {"time": time.time() - t0})
+                if bar is not None:
+                    bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in record.items() if k.endswith("/loss")})
             if self.val_streams and (self.step % tc.val_interval == 0 or self.step == tc.max_steps):
                 last_val = self.validate()
                 self._log(last_val)
@@ -328,21 +365,31 @@ class Trainer:
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """Every task's metrics (``tasks.<name>.metrics``) over the validation split, reduced
+        across ranks: batch metrics see every batch's ``task.evaluate`` outputs; dataset metrics
+        (e.g. retrieval) score the split themselves on rank 0."""
         self.module.eval()
         out: dict[str, float] = {}
         limit = int(self.cfg.train.get("val_batches", 0) or 0)
         for name, stream in self.val_streams.items():
             task = self.module.tasks[name]
-            acc = Average()
+            batch_metrics = [m for m in task.metrics if not isinstance(m, DatasetMetric)]
+            for m in batch_metrics:
+                m.reset()
             for i, batch in enumerate(stream.epoch_batches()):
                 if limit and i >= limit:
                     break
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    acc.update(task.evaluate(self.model, batch.to(self.device)))
-            out.update({f"val/{name}/{k}": v for k, v in acc.compute().items()})
+                    outputs = task.evaluate(self.model, batch.to(self.device))
+                for m in batch_metrics:
+                    m.update(outputs)
+            for m in batch_metrics:
+                out.update({f"val/{name}/{k}": v for k, v in m.compute().items()})
             if D.is_main():
-                extra = task.evaluate_dataset(self.model, self.val_set, device=self.device)
-                out.update({f"val/{name}/{k}": v for k, v in extra.items()})
+                for m in task.metrics:
+                    if isinstance(m, DatasetMetric):
+                        res = m.evaluate(task=task, model=self.model, dataset=self.val_set, device=self.device)
+                        out.update({f"val/{name}/{k}": v for k, v in res.items()})
         for h in self.hooks:
             h.after_validation(self, out)
         self.module.train()

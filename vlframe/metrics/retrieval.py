@@ -6,6 +6,8 @@ from typing import Any, Callable
 import torch
 
 from vlframe.data.batch import Example, collate
+from vlframe.metrics.base import DatasetMetric
+from vlframe.registry import METRICS
 
 
 def retrieval_recall(scores: torch.Tensor, txt2img: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
@@ -55,3 +57,22 @@ def score_all_pairs(
         batch = collate([Example(str(i), img, token_ids[i], *regions[img]) for i, img in chunk])
         scores.append(score_fn(model, batch.to(device)).float().cpu())
     return torch.cat(scores).view(len(texts), len(images)), txt2img
+
+
+@METRICS.register_module(name="retrieval_recall")
+class RetrievalRecall(DatasetMetric):
+    """Image and text retrieval recall@K over the first ``num_images`` images of the split and
+    all their texts, scored by the task's ``score_pairs(model, batch)`` (e.g. ITM's matching
+    probability). Zero-shot when the task was never finetuned for retrieval."""
+
+    def __init__(self, *, num_images: int = 50, ks: list[int] = (1, 5, 10), pairs_per_batch: int = 256):
+        if num_images < 2:
+            raise ValueError(f"num_images must be >= 2, got {num_images}")
+        self.num_images, self.ks, self.pairs_per_batch = num_images, tuple(int(k) for k in ks), pairs_per_batch
+
+    def evaluate(self, *, task: Any, model: Any, dataset: Any, device: torch.device) -> dict[str, float]:
+        scores, txt2img = score_all_pairs(
+            task.score_pairs, model, dataset, num_images=self.num_images, device=device,
+            pairs_per_batch=self.pairs_per_batch,
+        )
+        return retrieval_recall(scores, txt2img, ks=self.ks)

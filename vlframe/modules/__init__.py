@@ -1,2 +1,2 @@
 """Reusable nn building blocks: the transformer encoder, heads, packing of two modalities."""
-from vlframe.modules import heads, packing, transformer  # noqa: F401  (registers into MODELS)
+from vlframe.modules import heads, losses, packing, transformer  # noqa: F401  (register into MODELS, LOSSES)

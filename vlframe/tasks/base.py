@@ -1,23 +1,31 @@
 """The task contract.
 
-A task is what a batch is made into, its head(s), its loss and its metric, registered by name in
-TASKS. It knows no model by name: it reads the model's :class:`EncoderOutput` and, for heads tied
-to the model's embeddings, the model's ``word_embeddings`` / ``feature_projection`` modules.
+A task is what a batch is made into, its head(s), its loss(es) and its metrics, registered by
+name in TASKS. Heads, losses and metrics are config nodes built from MODELS, LOSSES and METRICS
+with the original UNITER choices as defaults. A task knows no model by name: it is typed against
+:class:`vlframe.models.VLEncoder` (its ``spec`` for head sizes, ``tie_targets()`` for tied heads,
+``forward(batch) -> VLEncoderOutput``).
 
-Life cycle: built from config with its own keyword arguments -> ``setup(model=..., info=...)``
-creates the heads (sizes come from the model and the data) -> ``collate(examples, generator=,
+Life cycle: built from config with its own keyword arguments -> ``setup(model=, info=, where=)``
+builds the heads (sizes from the model's spec and the data) -> ``collate(examples, generator=,
 dataset=)`` runs on the CPU side of the loader (masking, negatives) -> ``forward(model, batch)``
-returns a :class:`TaskOutput` -> ``evaluate(model, batch)`` returns metric sums for validation.
+returns a :class:`TaskOutput` -> ``evaluate(model, batch)`` returns the named outputs that the
+task's metrics read (see :mod:`vlframe.metrics.base`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vlframe.data.batch import Example, VLBatch, collate
+from vlframe.metrics.base import DatasetMetric, Metric
+from vlframe.models import VLEncoder
+from vlframe.modules.heads import build_head
+from vlframe.registry import LOSSES, METRICS, build
 
 
 @dataclass
@@ -47,25 +55,48 @@ class DataInfo:
 @dataclass
 class TaskOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
-    logs: dict[str, float] = field(default_factory=dict)  # detached scalars for the log
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # head outputs (tests, analysis)
+    # Detached scalar tensors for the training log; they stay on the device (no host sync per
+    # step): the trainer averages them per task and reads them at the log interval.
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)  # head outputs (tests, analysis)
+
+
+def build_component(node: Any, registry: Any, default: Mapping[str, Any], where: str) -> Any:
+    """A component from its node (``default`` when None); an already built object passes."""
+    if node is None:
+        node = default
+    if not isinstance(node, Mapping):
+        return node
+    return build(dict(node), registry, where=where)
 
 
 class Task(nn.Module):
     """Base class. Subclasses define ``setup``, ``collate``, ``forward`` and ``evaluate``."""
 
-    #: metric names this task's ``evaluate`` reports, higher-is-better first (used for logging).
-    metric_names: tuple[str, ...] = ()
+    #: the metrics a task reports when its config gives no ``metrics`` list.
+    default_metrics: ClassVar[tuple[dict, ...]] = ()
     #: whether batches carry the detector's soft labels (the largest tensor of a batch: only the
     #: region-classification tasks need them).
     needs_soft_labels: bool = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, metrics: list[dict] | None = None) -> None:
         super().__init__()
         self.info: DataInfo | None = None
+        self.where = type(self).__name__
+        nodes = self.default_metrics if metrics is None else metrics
+        # Plain list, not module state: metrics hold no weights.
+        self.metrics: list[Metric | DatasetMetric] = [
+            build_component(m, METRICS, {}, where=f"metrics.{i}") for i, m in enumerate(nodes)
+        ]
 
-    def setup(self, *, model: nn.Module, info: DataInfo) -> None:
+    def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
+        """Called once the model and the data are known; ``where`` is the task's config path."""
         self.info = info
+        self.where = where or self.where
+
+    def make_head(self, node: Mapping[str, Any] | nn.Module, *, model: VLEncoder, sizes: Mapping[str, int], key: str = "head") -> nn.Module:
+        """Build the head of config key ``key`` with ``sizes``, tied through the model's tie targets."""
+        return build_head(node, sizes=sizes, tie_targets=model.tie_targets(), where=f"{self.where}.{key}")
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
         return collate(examples, soft_labels=self.needs_soft_labels)
@@ -82,14 +113,14 @@ class Task(nn.Module):
         return batch.size
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch: VLBatch) -> dict[str, tuple[float, float]]:
-        """Metric sums over one validation batch: name -> (sum, count). Default: the loss."""
-        out = self.forward(model, batch)
-        return {"loss": (float(out.loss) * batch.size, float(batch.size))}
+    def evaluate(self, model: nn.Module, batch: VLBatch) -> dict[str, Any]:
+        """Named outputs of one validation batch, read by the metrics. Default: the loss."""
+        return {"loss": self.forward(model, batch).loss, "loss_count": self.loss_count(batch)}
 
-    def evaluate_dataset(self, model: nn.Module, dataset: Any, *, device: torch.device) -> dict[str, float]:
-        """Metrics that need the whole split at once (e.g. retrieval); default: none."""
-        return {}
+
+def build_loss(node: Any, default: Mapping[str, Any], where: str) -> nn.Module:
+    """A loss from its node (LOSSES), ``default`` when the config gives none."""
+    return build_component(node, LOSSES, default, where)
 
 
 def text_maskable(batch: VLBatch, special_ids: dict[str, int]) -> torch.Tensor:

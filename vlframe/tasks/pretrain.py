@@ -1,31 +1,24 @@
 """UNITER's pretraining tasks: MLM, MRFR, MRC, MRC-kl, ITM (with optional WRA inside) and WRA.
 
-Masked-modelling tasks (MLM, MRFR, MRC, MRC-kl) only ever see matched pairs: negatives are made
-by ITM/WRA alone, so a mismatched pair never feeds an MLM/MRM loss. Masked-region heads run on
-the masked positions only. Losses follow the original code (means over masked elements).
+Every head, loss and metric is a config node (``head``, ``loss``, ``wra_loss``, ``metrics``)
+whose default is the original's choice. Masked-modelling tasks (MLM, MRFR, MRC, MRC-kl) only ever
+see matched pairs: negatives are made by ITM/WRA alone, so a mismatched pair never feeds an
+MLM/MRM loss. Masked-position heads run on the masked positions only. Losses follow the original
+code (means over masked elements).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlframe.data.batch import Example, VLBatch, collate
 from vlframe.masking import IGNORE_INDEX, Masker, replace_masked_tokens
-from vlframe.modules.heads import ClassifierHead, TiedFeatureHead, TiedTokenHead
+from vlframe.models import VLEncoder
 from vlframe.ot.cost import wra_distance
-from vlframe.registry import MASKERS, OT_SOLVERS, TASKS, build
-from vlframe.tasks.base import DataInfo, Task, TaskOutput, text_maskable
-
-_DEFAULT_MASKER = {"type": "conditional"}
-
-
-def _build_masker(masker: dict | Masker | None, where: str) -> Masker:
-    if isinstance(masker, Masker):
-        return masker
-    return build(dict(masker or _DEFAULT_MASKER), MASKERS, where=where)
+from vlframe.registry import MASKERS, OT_SOLVERS, TASKS
+from vlframe.tasks.base import DataInfo, Task, TaskOutput, build_component, build_loss, text_maskable
 
 
 class MaskedTask(Task):
@@ -34,9 +27,12 @@ class MaskedTask(Task):
 
     target = "text"
 
-    def __init__(self, *, masker: dict | Masker | None = None):
-        super().__init__()
-        self.masker = _build_masker(masker, where=f"{type(self).__name__}.masker")
+    def __init__(self, *, masker: dict | Masker | None = None, head: dict | None = None,
+                 loss: dict | None = None, metrics: list[dict] | None = None):
+        super().__init__(metrics=metrics)
+        self.masker = build_component(masker, MASKERS, {"type": "conditional"}, where=f"{type(self).__name__}.masker")
+        self.head_cfg = dict(head) if head is not None else dict(self.default_head)
+        self.loss_fn = build_loss(loss, self.default_loss, where=f"{type(self).__name__}.loss")
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
         batch = collate(examples, soft_labels=self.needs_soft_labels)
@@ -58,39 +54,44 @@ class MaskedTask(Task):
             batch.img_masked = draw.regions  # the model zeroes these features and adds the mask vector
         return batch
 
+    def forward(self, model: VLEncoder, batch: VLBatch) -> TaskOutput:
+        o = self._run(model, batch)
+        logs = {"loss": o["loss"].detach()}
+        if "acc" in o:
+            logs["acc"] = o["acc"]
+        return TaskOutput(o["loss"], logs, o)
+
+    @torch.no_grad()
+    def evaluate(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
+        return self._run(model, batch) | {"loss_count": self.loss_count(batch)}
+
 
 @TASKS.register_module(name="mlm")
 class MLMTask(MaskedTask):
     """Masked language modelling conditioned on the image: CE at masked words."""
 
     target = "text"
-    metric_names = ("mlm_acc", "mlm_loss")
+    default_head = {"type": "TiedTokenHead"}
+    default_loss = {"type": "cross_entropy"}
+    default_metrics = ({"type": "accuracy", "name": "mlm_acc"}, {"type": "loss_average", "name": "mlm_loss"})
 
-    def setup(self, *, model: nn.Module, info: DataInfo) -> None:
-        super().setup(model=model, info=info)
-        self.head = TiedTokenHead(hidden_size=model.hidden_size, vocab_size=model.vocab_size)
+    def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
+        super().setup(model=model, info=info, where=where)
+        spec = model.spec
+        self.head = self.make_head(self.head_cfg, model=model, sizes={
+            "hidden_size": spec.text_dim, "vocab_size": spec.vocab_size, "num_classes": spec.vocab_size,  # untied heads
+        })
 
     def loss_count(self, batch: VLBatch) -> torch.Tensor:
         return (batch.targets["txt_labels"] != IGNORE_INDEX).sum()  # the CE is a mean over masked words
 
-    def _logits(self, model: nn.Module, batch: VLBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
         labels = batch.targets["txt_labels"]
-        out = model(batch)
         sel = labels != IGNORE_INDEX
-        return self.head(out.text[sel], model.word_embeddings.weight), labels[sel]
-
-    def forward(self, model: nn.Module, batch: VLBatch) -> TaskOutput:
-        logits, labels = self._logits(model, batch)
-        loss = F.cross_entropy(logits.float(), labels)
-        acc = (logits.argmax(-1) == labels).float().mean()
-        return TaskOutput(loss, {"loss": loss.item(), "acc": acc.item()}, {"logits": logits})
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch: VLBatch) -> dict[str, tuple[float, float]]:
-        logits, labels = self._logits(model, batch)
-        n = float(labels.numel())
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        return {"mlm_acc": (float((logits.argmax(-1) == labels).sum()), n), "mlm_loss": (float(loss), n)}
+        logits = self.head(model(batch).text[sel])
+        target = labels[sel]
+        loss = self.loss_fn(logits, target)
+        return {"logits": logits, "target": target, "loss": loss, "acc": (logits.detach().argmax(-1) == target).float().mean()}
 
 
 class RegionTask(MaskedTask):
@@ -98,7 +99,7 @@ class RegionTask(MaskedTask):
 
     target = "regions"
 
-    def _masked_states(self, model: nn.Module, batch: VLBatch) -> torch.Tensor:
+    def _masked_states(self, model: VLEncoder, batch: VLBatch) -> torch.Tensor:
         return model(batch).regions[batch.img_masked]
 
     def loss_count(self, batch: VLBatch) -> torch.Tensor:
@@ -109,106 +110,94 @@ class RegionTask(MaskedTask):
 class MRFRTask(RegionTask):
     """Masked region feature regression: L2 to the raw (pre-zeroing) features, tied output."""
 
-    metric_names = ("mrfr_loss",)
+    default_head = {"type": "TiedFeatureHead"}
+    default_loss = {"type": "mse"}
+    default_metrics = ({"type": "loss_average", "name": "mrfr_loss"},)
 
-    def setup(self, *, model: nn.Module, info: DataInfo) -> None:
-        super().setup(model=model, info=info)
-        self.head = TiedFeatureHead(hidden_size=model.hidden_size, feat_dim=model.img_dim)
+    def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
+        super().setup(model=model, info=info, where=where)
+        spec = model.spec
+        self.head = self.make_head(self.head_cfg, model=model, sizes={"hidden_size": spec.region_dim, "feat_dim": spec.feat_dim})
 
     def loss_count(self, batch: VLBatch) -> torch.Tensor:
         return batch.img_masked.sum() * batch.img_feat.shape[-1]  # MSE: mean over regions x features
 
-    def _pred(self, model, batch):
-        pred = self.head(self._masked_states(model, batch), model.feature_projection.weight)
-        return pred, batch.img_feat[batch.img_masked]
-
-    def forward(self, model: nn.Module, batch: VLBatch) -> TaskOutput:
-        pred, target = self._pred(model, batch)
-        loss = F.mse_loss(pred.float(), target.float())
-        return TaskOutput(loss, {"loss": loss.item()}, {"pred": pred})
-
-    @torch.no_grad()
-    def evaluate(self, model, batch):
-        pred, target = self._pred(model, batch)
-        return {"mrfr_loss": (float(F.mse_loss(pred.float(), target.float(), reduction="sum")), float(target.numel()))}
+    def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
+        pred = self.head(self._masked_states(model, batch))
+        target = batch.img_feat[batch.img_masked]
+        return {"pred": pred, "target": target, "loss": self.loss_fn(pred, target)}
 
 
 class _RegionClassTask(RegionTask):
     needs_soft_labels = True
-    def setup(self, *, model: nn.Module, info: DataInfo) -> None:
-        super().setup(model=model, info=info)
-        if not info.num_labels:
-            raise ValueError(f"{type(self).__name__} needs detector soft labels, but the region store has none")
-        self.head = ClassifierHead(hidden_size=model.hidden_size, num_classes=info.num_labels)
+    default_head = {"type": "ClassifierHead"}
+    default_metrics = (
+        {"type": "accuracy", "name": "mrc_acc", "pred": "pred_class", "target": "target_class"},
+        {"type": "mean", "name": "mrc_kl", "key": "kl"},
+    )
 
-    def _pred(self, model, batch):
-        if batch.soft_labels is None:
-            raise ValueError(f"{type(self).__name__}: batch has no soft labels (region store without them)")
-        return self.head(self._masked_states(model, batch)), batch.soft_labels[batch.img_masked]
+    def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
+        super().setup(model=model, info=info, where=where)
+        if not info.num_labels:
+            raise ValueError(f"{self.where}: needs detector soft labels, but the region store has none")
+        sizes = {"hidden_size": model.spec.region_dim, "num_classes": info.num_labels}
+        self.head = self.make_head(self.head_cfg, model=model, sizes=sizes)
 
     @staticmethod
     def top_class(soft: torch.Tensor) -> torch.Tensor:
         # The detector's top class, background (index 0) excluded as in the original.
         return soft[:, 1:].argmax(-1) + 1
 
-    @torch.no_grad()
-    def evaluate(self, model, batch):
-        logits, soft = self._pred(model, batch)
-        n = float(soft.shape[0])
-        # Both sides without background: "which object class is this region", as the paper's
-        # MRC accuracy; the soft label's background mass is the detector's (1 - confidence).
-        hits = float((self.top_class(logits) == self.top_class(soft)).sum())
-        kl = F.kl_div(F.log_softmax(logits.float(), -1), soft.float(), reduction="sum")
-        return {"mrc_acc": (hits, n), "mrc_kl": (float(kl), n)}
+    def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
+        if batch.soft_labels is None:
+            raise ValueError(f"{self.where}: batch has no soft labels (region store without them)")
+        logits = self.head(self._masked_states(model, batch))
+        soft = batch.soft_labels[batch.img_masked]
+        out = {"logits": logits, "soft_labels": soft, "loss": self.loss_fn(logits, self.loss_target(soft))}
+        with torch.no_grad():
+            # Both sides without background: "which object class is this region", as the paper's
+            # MRC accuracy; the soft label's background mass is the detector's (1 - confidence).
+            out["pred_class"], out["target_class"] = self.top_class(logits.detach()), self.top_class(soft)
+            out["kl"] = torch.nn.functional.kl_div(
+                torch.log_softmax(logits.detach().float(), -1), soft.float(), reduction="none"
+            ).sum(-1)
+        return out
 
 
 @TASKS.register_module(name="mrc")
 class MRCTask(_RegionClassTask):
     """Masked region classification: CE to the detector's top class."""
 
-    metric_names = ("mrc_acc", "mrc_kl")
+    default_loss = {"type": "cross_entropy"}
 
-    def forward(self, model, batch):
-        logits, soft = self._pred(model, batch)
-        target = self.top_class(soft)
-        loss = F.cross_entropy(logits.float(), target)
-        acc = (logits.argmax(-1) == target).float().mean()
-        return TaskOutput(loss, {"loss": loss.item(), "acc": acc.item()}, {"logits": logits})
+    def loss_target(self, soft: torch.Tensor) -> torch.Tensor:
+        return self.top_class(soft)
+
+    def _run(self, model, batch):
+        out = super()._run(model, batch)
+        out["acc"] = (out["logits"].detach().argmax(-1) == out["target_class"]).float().mean()
+        return out
 
 
 @TASKS.register_module(name="mrc_kl")
 class MRCKLTask(_RegionClassTask):
     """Masked region classification with KL(detector soft label || prediction), element mean."""
 
-    metric_names = ("mrc_acc", "mrc_kl")
+    default_loss = {"type": "kl_div"}
 
     def loss_count(self, batch: VLBatch) -> torch.Tensor:
         return batch.img_masked.sum() * batch.soft_labels.shape[-1]  # KL: mean over regions x classes
 
-    def forward(self, model, batch):
-        logits, soft = self._pred(model, batch)
-        loss = F.kl_div(F.log_softmax(logits.float(), -1), soft.float(), reduction="none").mean()
-        return TaskOutput(loss, {"loss": loss.item()}, {"logits": logits})
-
-
-def _build_solver(solver: dict | None, where: str):
-    if solver is None or callable(solver):
-        return solver
-    return build(dict(solver), OT_SOLVERS, where=where)
-
-
-def wra_distances(out, solver) -> torch.Tensor:
-    """OT distance per pair between the contextualised words (with [CLS]/[SEP], as the original)
-    and regions of an EncoderOutput; cost and solver run in fp32 (vlframe.ot)."""
-    return wra_distance(solver, out.text, out.regions, out.text_mask, out.region_mask)
+    def loss_target(self, soft: torch.Tensor) -> torch.Tensor:
+        return soft
 
 
 class PairTask(Task):
     """Makes mismatched pairs: with probability ``neg_prob`` an example's image (``side='image'``),
     its text (``'text'``) or either (``'both'``) is replaced by one from another image."""
 
-    def __init__(self, *, neg_prob: float = 0.5, side: str = "image"):
-        super().__init__()
+    def __init__(self, *, neg_prob: float = 0.5, side: str = "image", metrics: list[dict] | None = None):
+        super().__init__(metrics=metrics)
         if side not in ("image", "text", "both"):
             raise ValueError(f"side must be 'image', 'text' or 'both', got {side!r}")
         if not 0.0 <= neg_prob <= 1.0:
@@ -248,103 +237,104 @@ class PairTask(Task):
         return batch
 
 
+def _wra(solver: Any, out: Any) -> torch.Tensor:
+    # Words with [CLS]/[SEP], as the original, against regions; cost and solver run in fp32.
+    return wra_distance(solver, out.text, out.regions, out.text_mask, out.region_mask)
+
+
 @TASKS.register_module(name="itm")
 class ITMTask(PairTask):
-    """Image-text matching: Linear(H, 2) on the pooled output, CE. With ``wra_weight > 0`` the
-    word-region alignment rides inside, as in the original: loss = CE + w * (sum of OT distances
-    of matched pairs - sum over mismatched) / batch size."""
+    """Image-text matching: a pair head (default Linear(H, 2) on the pooled output) and its loss
+    (CE). With ``wra_weight > 0`` the word-region alignment rides inside, as in the original:
+    loss = CE + wra_weight * wra_loss(OT distances, match), whose default is
+    (sum of matched distances - sum of mismatched) / batch size."""
 
-    metric_names = ("itm_acc", "ot_pos", "ot_neg", "tr_r1", "ir_r1")
+    default_head = {"type": "PooledLinearHead"}
+    default_loss = {"type": "cross_entropy"}
+    default_wra_loss = {"type": "ot_contrast", "normalize": "batch"}
+    default_metrics = (
+        {"type": "accuracy", "name": "itm_acc"},
+        {"type": "ot_distance"},
+        {"type": "retrieval_recall", "num_images": 50},
+    )
 
     def __init__(
         self,
         *,
         neg_prob: float = 0.5,
         side: str = "image",
+        head: dict | None = None,
+        loss: dict | None = None,
         wra_weight: float = 0.0,
         ot_solver: dict | None = None,
-        retrieval_images: int = 50,
+        wra_loss: dict | None = None,
+        metrics: list[dict] | None = None,
     ):
-        super().__init__(neg_prob=neg_prob, side=side)
+        super().__init__(neg_prob=neg_prob, side=side, metrics=metrics)
+        self.head_cfg = dict(head or self.default_head)
+        self.loss_fn = build_loss(loss, self.default_loss, where="itm.loss")
         self.wra_weight = wra_weight
-        self.solver = _build_solver(ot_solver, where="itm.ot_solver")
-        if wra_weight and self.solver is None:
+        if wra_weight and ot_solver is None:
             raise ValueError("itm: wra_weight > 0 needs an ot_solver")
-        self.retrieval_images = retrieval_images
+        if not wra_weight and (ot_solver is not None or wra_loss is not None):
+            raise ValueError("itm: ot_solver / wra_loss are set but wra_weight is 0, so they would be ignored")
+        self.solver = build_component(ot_solver, OT_SOLVERS, {}, where="itm.ot_solver") if wra_weight else None
+        self.wra_loss = build_loss(wra_loss, self.default_wra_loss, where="itm.wra_loss") if wra_weight else None
 
-    def setup(self, *, model: nn.Module, info: DataInfo) -> None:
-        super().setup(model=model, info=info)
-        self.head = nn.Linear(model.hidden_size, 2)
+    def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
+        super().setup(model=model, info=info, where=where)
+        self.head = self.make_head(self.head_cfg, model=model, sizes={"hidden_size": model.spec.pooled_dim, "num_classes": 2})
 
     def forward(self, model, batch):
         out = model(batch)
         target = batch.targets["itm"]
-        logits = self.head(out.pooled)
-        ce = F.cross_entropy(logits.float(), target)
-        logs = {"ce": ce.item(), "acc": (logits.argmax(-1) == target).float().mean().item()}
+        logits = self.head(out)
+        ce = self.loss_fn(logits, target)
+        logs = {"ce": ce.detach(), "acc": (logits.detach().argmax(-1) == target).float().mean()}
         loss = ce
-        outputs = {"logits": logits}
+        outputs = {"logits": logits, "target": target, "encoder": out}
         if self.wra_weight:
-            d = wra_distances(out, self.solver)
-            pos, neg = d[target == 1], d[target == 0]
-            ot_loss = (pos.sum() - neg.sum()) / target.numel()
+            d = _wra(self.solver, out)
+            ot_loss = self.wra_loss(d, target)
             loss = ce + self.wra_weight * ot_loss
-            logs["ot_loss"] = ot_loss.item()
-            outputs.update(ot_pos=pos, ot_neg=neg)
-        logs["loss"] = loss.item()
+            logs["ot_loss"] = ot_loss.detach()
+            outputs["ot_distance"] = d
+        logs["loss"] = loss.detach()
         return TaskOutput(loss, logs, outputs)
 
     @torch.no_grad()
     def evaluate(self, model, batch):
-        out = model(batch)
-        target = batch.targets["itm"]
-        res = {"itm_acc": (float((self.head(out.pooled).argmax(-1) == target).sum()), float(target.numel()))}
-        solver = self.solver or build({"type": "ipot"}, OT_SOLVERS)
-        d = wra_distances(out, solver)
-        res["ot_pos"] = (float(d[target == 1].sum()), float((target == 1).sum()))
-        res["ot_neg"] = (float(d[target == 0].sum()), float((target == 0).sum()))
-        return res
+        res = self.forward(model, batch)
+        return res.outputs | {"loss": res.loss, "loss_count": self.loss_count(batch)}
 
     @torch.no_grad()
     def score_pairs(self, model, batch) -> torch.Tensor:
-        """Matching probability of each pair in the batch."""
-        return self.head(model(batch).pooled).float().softmax(-1)[:, 1]
-
-    @torch.no_grad()
-    def evaluate_dataset(self, model, dataset, *, device) -> dict[str, float]:
-        from vlframe.metrics.retrieval import retrieval_recall, score_all_pairs
-
-        if not self.retrieval_images:
-            return {}
-        scores, txt2img = score_all_pairs(
-            self.score_pairs, model, dataset, num_images=self.retrieval_images, device=device
-        )
-        return retrieval_recall(scores, txt2img)
+        """Matching probability of each pair in the batch (retrieval)."""
+        return self.head(model(batch)).float().softmax(-1)[:, 1]
 
 
 @TASKS.register_module(name="wra")
 class WRATask(PairTask):
-    """Word-region alignment as its own task: mean OT distance of matched pairs minus that of
-    mismatched pairs (the contrast keeps the representation from collapsing to zero cost)."""
+    """Word-region alignment as its own task: by default mean OT distance of matched pairs minus
+    that of mismatched pairs (the contrast keeps the representation from collapsing to zero cost)."""
 
-    metric_names = ("ot_pos", "ot_neg")
+    default_loss = {"type": "ot_contrast", "normalize": "per_side"}
+    default_metrics = ({"type": "ot_distance"},)
 
-    def __init__(self, *, neg_prob: float = 0.5, side: str = "image", ot_solver: dict | None = None):
-        super().__init__(neg_prob=neg_prob, side=side)
-        self.solver = _build_solver(ot_solver or {"type": "ipot"}, where="wra.ot_solver")
+    def __init__(self, *, neg_prob: float = 0.5, side: str = "image", ot_solver: dict | None = None,
+                 loss: dict | None = None, metrics: list[dict] | None = None):
+        super().__init__(neg_prob=neg_prob, side=side, metrics=metrics)
+        self.solver = build_component(ot_solver, OT_SOLVERS, {"type": "ipot"}, where="wra.ot_solver")
+        self.loss_fn = build_loss(loss, self.default_loss, where="wra.loss")
 
     def forward(self, model, batch):
-        d = wra_distances(model(batch), self.solver)
+        out = model(batch)
+        d = _wra(self.solver, out)
         target = batch.targets["itm"]
-        pos, neg = d[target == 1], d[target == 0]
-        loss = (pos.mean() if pos.numel() else d.new_zeros(())) - (neg.mean() if neg.numel() else d.new_zeros(()))
-        return TaskOutput(loss, {"loss": loss.item()}, {"ot_pos": pos, "ot_neg": neg})
+        loss = self.loss_fn(d, target)
+        return TaskOutput(loss, {"loss": loss.detach()}, {"ot_distance": d, "target": target, "encoder": out})
 
     @torch.no_grad()
     def evaluate(self, model, batch):
-        d = wra_distances(model(batch), self.solver)
-        target = batch.targets["itm"]
-        return {
-            "ot_pos": (float(d[target == 1].sum()), float((target == 1).sum())),
-            "ot_neg": (float(d[target == 0].sum()), float((target == 0).sum())),
-        }
+        res = self.forward(model, batch)
+        return res.outputs | {"loss": res.loss, "loss_count": self.loss_count(batch)}

@@ -8,26 +8,16 @@ the pooler is tanh(Linear(h[CLS])).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from vlframe.data.batch import VLBatch
+from vlframe.models import VLEncoder, VLEncoderOutput, VLEncoderSpec
 from vlframe.modules.packing import make_packing, pack, unpack
 from vlframe.modules.transformer import TransformerEncoder, init_bert_weights
 from vlframe.registry import MODELS
 
 
-@dataclass
-class EncoderOutput:
-    text: torch.Tensor  # [B, T, H] contextualised text states at input positions
-    text_mask: torch.Tensor  # [B, T] bool
-    regions: torch.Tensor  # [B, K, H]
-    region_mask: torch.Tensor  # [B, K] bool
-    sequence: torch.Tensor  # [B, L, H] packed joint sequence: text, regions, padding
-    sequence_mask: torch.Tensor  # [B, L] bool
-    pooled: torch.Tensor  # [B, H]
 
 
 class TextEmbedder(nn.Module):
@@ -66,8 +56,8 @@ class ImageEmbedder(nn.Module):
 
 
 @MODELS.register_module(name="UniterModel")
-class UniterModel(nn.Module):
-    """``model(batch) -> EncoderOutput``; ``model.encode(...)`` takes plain tensors."""
+class UniterModel(VLEncoder):
+    """``model(batch) -> VLEncoderOutput``; ``model.encode(...)`` takes plain tensors."""
 
     def __init__(
         self,
@@ -87,9 +77,9 @@ class UniterModel(nn.Module):
         pretrained: str | None = None,
     ):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.img_dim = img_dim
-        self.vocab_size = vocab_size
+        self.spec = VLEncoderSpec(
+            text_dim=hidden_size, region_dim=hidden_size, pooled_dim=hidden_size, vocab_size=vocab_size, feat_dim=img_dim
+        )
         self.text_embed = TextEmbedder(
             vocab_size=vocab_size, hidden_size=hidden_size, max_positions=max_positions, dropout=hidden_dropout
         )
@@ -111,14 +101,9 @@ class UniterModel(nn.Module):
 
             load_pretrained(self, pretrained)
 
-    # The weights that tied heads reuse (the model stays their single owner).
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.text_embed.word
-
-    @property
-    def feature_projection(self) -> nn.Linear:
-        return self.img_embed.feat_proj
+    def tie_targets(self) -> dict[str, nn.Module]:
+        # The modules tied heads reuse (the model stays their single owner).
+        return {"word_embeddings": self.text_embed.word, "region_projection": self.img_embed.feat_proj}
 
     def encode(
         self,
@@ -130,7 +115,7 @@ class UniterModel(nn.Module):
         img_masked: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         img_type_ids: torch.Tensor | None = None,
-    ) -> EncoderOutput:
+    ) -> VLEncoderOutput:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if img_type_ids is None:
@@ -141,9 +126,9 @@ class UniterModel(nn.Module):
         seq = self.encoder(pack(text, regions, p), p.mask)
         text_out, region_out = unpack(seq, p)
         pooled = torch.tanh(self.pooler(seq[:, 0]))
-        return EncoderOutput(text_out, text_mask, region_out, img_mask, seq, p.mask, pooled)
+        return VLEncoderOutput(text_out, text_mask, region_out, img_mask, pooled, sequence=seq, sequence_mask=p.mask)
 
-    def forward(self, batch: VLBatch) -> EncoderOutput:
+    def forward(self, batch: VLBatch) -> VLEncoderOutput:
         return self.encode(
             batch.input_ids,
             batch.text_mask,
