@@ -182,7 +182,7 @@ def test_tsv_malformed_lines_name_file_and_line(tmp_path, kind, match):
     (tmp_path / "bad.tsv").write_text(text)
     with pytest.raises(DataFormatError, match=match):
         import_tsv(tmp_path / "bad.tsv", tmp_path / "store")
-    with pytest.raises(ValueError, match="incomplete write"):  # the stopped import left no usable store
+    with pytest.raises(FileNotFoundError, match="folder not found"):  # the stopped import left nothing
         RegionStore(tmp_path / "store")
     # skip mode: the bad line is counted by reason, the others are written
     report = import_tsv(tmp_path / "bad.tsv", tmp_path / "store", skip_bad=True, overwrite=True)

@@ -29,7 +29,9 @@ from torch import nn
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
+from vlframe.engine.hooks import KeepBestCheckpoint
 from vlframe.engine.optim import build_optimizer, linear_warmup_decay
+from vlframe.engine.resume import StartPlan, plan_start, save_run_config, truncate_metrics
 from vlframe.metrics.average import Average
 from vlframe.registry import DATASETS, HOOKS, MODELS, TASKS, build, import_custom
 from vlframe.tasks.base import DataInfo
@@ -133,6 +135,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         D.init_from_env(self.device)
         torch.manual_seed(int(cfg.seed) + D.rank())
+        # Decided before data and model are built: a refused resume or a bad weights path costs seconds.
+        self.ckpt_dir = os.path.join(work_dir, "checkpoints")
+        self._start = plan_start(cfg, ckpt_dir=self.ckpt_dir, is_main=D.is_main())
 
         # Data and tasks.
         self.train_set = build(cfg.data.train, DATASETS, where="data.train")
@@ -193,8 +198,11 @@ class Trainer:
                 find_unused_parameters=True,  # each step trains one task: other heads get no grad
             )
         self.hooks = [build(h, HOOKS, where=f"hooks.{i}") for i, h in enumerate(cfg.get("hooks") or [])]
+        if tc.get("keep_best"):
+            if self.val_set is None:
+                raise ValueError(f"train.keep_best={tc.keep_best}: needs validation, but data.val is null")
+            self.hooks.append(KeepBestCheckpoint(metric=str(tc.keep_best), mode=str(tc.keep_best_mode)))
         self.step = 0
-        self.ckpt_dir = os.path.join(work_dir, "checkpoints")
         self._tb = None
 
     # ----------------------------------------------------------------------------- one step
@@ -229,9 +237,7 @@ class Trainer:
         tc = self.cfg.train
         if D.is_main():
             os.makedirs(self.work_dir, exist_ok=True)
-            from vlframe.config import save_config
-
-            save_config(self.cfg, os.path.join(self.work_dir, "config.yaml"))
+            save_run_config(self.cfg, self.work_dir)
         self._resume(str(tc.resume))
         for h in self.hooks:
             h.before_train(self)
@@ -331,7 +337,7 @@ class Trainer:
             return None
         path = self._ckpt_path()
         ckpt.atomic_save(self.state_dict(), path)
-        ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts))
+        ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts), current=path)
         for h in self.hooks:
             h.after_checkpoint(self, path)
         return path
@@ -348,22 +354,19 @@ class Trainer:
         log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
 
     def _resume(self, resume: str) -> None:
-        init_from = self.cfg.train.get("init_from")
-        if resume in ("never", "none", ""):
+        """Carry out the start decided in __init__ (``resume.plan_start``): resume or init."""
+        start, self._start = self._start, StartPlan()  # drop the read state once loaded
+        if start.path is None:
+            init_from = self.cfg.train.get("init_from")
             if init_from:
                 self._init_weights(init_from)
             return
-        if resume == "auto":
-            found = ckpt.newest_good(self.ckpt_dir)
-            if found is None:  # a fresh run
-                if init_from:
-                    self._init_weights(init_from)
-                return
-            path, state = found
-        else:
-            path, state = resume, ckpt.load(resume)
-        self.load_state_dict(state)
-        log.info("resumed from %s at step %d", path, self.step)
+        self.load_state_dict(start.state)
+        log.info("resumed from %s at step %d", start.path, self.step)
+        # What the killed run logged after this step is logged again: one line and one curve per step.
+        self._purge_step = self.step + 1
+        if D.is_main():
+            truncate_metrics(os.path.join(self.work_dir, "metrics.jsonl"), self.step)
 
     def _log(self, values: dict[str, float]) -> None:
         if not D.is_main():
@@ -374,6 +377,6 @@ class Trainer:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"), purge_step=getattr(self, "_purge_step", None))
         for k, v in values.items():
             self._tb.add_scalar(k, v, self.step)

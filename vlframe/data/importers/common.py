@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -204,14 +205,63 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
     return TextEncoder(max_len=getattr(args, "max_text_len", None))
 
 
+class _RefusedValue(ValueError):
+    """A msgpack-numpy value that is not a plain numeric array or scalar."""
+
+
+# Plain numeric dtypes only: bool, signed/unsigned int, float, complex (no object, no structured).
+_PLAIN_DTYPE = re.compile(r"^[<>|=]?[biufc]\d{1,2}$")
+
+
+def _text(v: Any) -> Any:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def _plain_array_hook(obj: dict) -> Any:
+    """msgpack object hook: a msgpack-numpy array/scalar map -> numpy, read as dtype + shape + bytes.
+
+    msgpack-numpy's own ``decode`` unpickles object arrays (``kind == 'O'``), so a crafted store
+    would run code; here anything but a plain numeric array is refused."""
+    def get(name: str) -> Any:
+        return obj.get(name.encode(), obj.get(name))
+
+    if get("complex") is not None and get("nd") is None:
+        raise _RefusedValue("a msgpack-numpy complex value (only plain numeric arrays are read)")
+    nd = get("nd")
+    if nd is None:
+        return obj
+    kind, dtype_str, data = _text(get("kind")), _text(get("type")), get("data")
+    if kind not in (None, ""):
+        what = "an object array (msgpack-numpy would unpickle it)" if kind == "O" else f"an array of kind {kind!r}"
+        raise _RefusedValue(f"{what}; only plain numeric arrays are read")
+    if not isinstance(dtype_str, str) or not _PLAIN_DTYPE.match(dtype_str):
+        raise _RefusedValue(f"an array of dtype {dtype_str!r:.40}; only plain numeric arrays are read")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _RefusedValue(f"an array whose data is a {type(data).__name__}, not bytes")
+    dtype = np.dtype(dtype_str)
+    if nd is not True:  # a numpy scalar
+        if len(data) != dtype.itemsize:
+            raise _RefusedValue(f"a {dtype_str} scalar of {len(data)} bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    shape = get("shape")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                        for d in shape):
+        raise _RefusedValue(f"an array with shape {shape!r:.40}")
+    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise _RefusedValue(f"a {dtype_str} array of shape {list(shape)} with {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 def unpack_msgpack_map(data: bytes, source: str, where: str) -> dict[str, Any]:
-    """A msgpack (msgpack-numpy encoded) map as the original UNITER writers store it, with str keys;
-    a bad value raises DataFormatError naming ``source`` and ``where``."""
+    """A msgpack map (arrays in msgpack-numpy's layout) as the original UNITER writers store it,
+    with str keys; a bad or refused value raises DataFormatError naming ``source`` and ``where``.
+    Arrays are rebuilt from dtype, shape and bytes only: no code runs from the data."""
     import msgpack
-    import msgpack_numpy
 
     try:
-        obj = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False)
+        obj = msgpack.unpackb(data, object_hook=_plain_array_hook, raw=False)
+    except _RefusedValue as e:
+        raise DataFormatError(source, where, f"refused value: {e}", reason="refused non-plain value") from None
     except (ValueError, msgpack.exceptions.UnpackException, TypeError, KeyError) as e:
         raise DataFormatError(source, where, f"unreadable msgpack value ({type(e).__name__}: {e})",
                               reason="unreadable msgpack value") from None
