@@ -360,10 +360,11 @@ class Trainer:
             init_from = self.cfg.train.get("init_from")
             if init_from:
                 self._init_weights(init_from)
-            return
-        self.load_state_dict(start.state)
-        log.info("resumed from %s at step %d", start.path, self.step)
-        # What the killed run logged after this step is logged again: one line and one curve per step.
+        else:
+            self.load_state_dict(start.state)
+            log.info("resumed from %s at step %d", start.path, self.step)
+        # What an earlier (killed) run logged after this step is logged again: one line and one
+        # TensorBoard point per step.
         self._purge_step = self.step + 1
         if D.is_main():
             truncate_metrics(os.path.join(self.work_dir, "metrics.jsonl"), self.step)
