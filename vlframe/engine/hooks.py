@@ -64,7 +64,7 @@ class KeepBestCheckpoint(Hook):
         from vlframe.engine import distributed as D
 
         if self.metric not in metrics:
-            raise KeyError(f"train.keep_best: validation gave no {self.metric!r}; it gave: {', '.join(sorted(metrics))}")
+            raise ValueError(f"train.keep_best: validation gave no {self.metric!r}; it gave: {', '.join(sorted(metrics))}")
         value = float(metrics[self.metric])
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if math.isnan(value) or not better:

@@ -46,29 +46,42 @@ SAFE_ON_RESUME: tuple[str, ...] = (
 )
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping) and node:
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: node}
-
-
 def _safe(key: str) -> bool:
     return any(key == s or key.startswith(s + ".") or fnmatchcase(key, s) for s in SAFE_ON_RESUME)
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs, minus :data:`SAFE_ON_RESUME`."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and not _safe(k))
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, minus :data:`SAFE_ON_RESUME`;
+    a node present on one side only is named once (``tasks.itm``), not leaf by leaf."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if _safe(key):
+            continue
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(config_differences(a, b, key))
+        elif a != b:
+            out.append(key)
+    return out
 
 
-def _show(flat: dict[str, Any], key: str) -> str:
-    if key not in flat:
+_ABSENT = object()
+
+
+def _node(cfg: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(cfg, Mapping) or part not in cfg:
+            return _ABSENT
+        cfg = cfg[part]
+    return cfg
+
+
+def _show(cfg: Mapping[str, Any], key: str) -> str:
+    value = _node(cfg, key)
+    if value is _ABSENT:
         return "absent"
-    text = json.dumps(flat[key], default=str)
+    text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -139,8 +152,7 @@ def _check_same_config(state: dict, cfg: DictConfig, path: str) -> None:
     diff = config_differences(saved, now)
     if not diff:
         return
-    a, b = _flatten(saved), _flatten(now)
-    shown = ", ".join(f"{k} (checkpoint {_show(a, k)}, now {_show(b, k)})" for k in diff[:8])
+    shown = ", ".join(f"{k} (checkpoint {_show(saved, k)}, now {_show(now, k)})" for k in diff[:8])
     more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
     raise ckpt.CheckpointError(
         f"train.resume=auto: {path} was written by a different config: {shown}{more}; ways out: a new "
