@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
-from vlframe.engine.run import train  # noqa: E402
+from vlframe.engine.run import one_line_error, train  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -18,7 +18,9 @@ def main(argv=None) -> int:
     try:
         metrics = train(args.config, args.overrides, work_dir=args.work_dir)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not one_line_error(e):
+            raise  # a bug in user code (a registered component): its traceback, with the component named
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     for k, v in sorted(metrics.items()):
         print(f"{k}: {v:.4f}")

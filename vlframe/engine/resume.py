@@ -196,3 +196,18 @@ def truncate_metrics(path: str, step: int) -> int:
         atomic_write(path, lambda f: f.write("".join(kept)), binary=False)
         log.info("metrics.jsonl: dropped %d line(s) logged after step %d", dropped, step)
     return dropped
+
+
+def check_text_positions(model: Any, datasets: Mapping[str, Any]) -> None:
+    """A dataset's ``max_text_len`` must fit the model's text positions (``max_text_positions``,
+    where the model has one); raises ConfigError naming the keys."""
+    from vlframe.config import ConfigError
+
+    positions = getattr(model, "max_text_positions", None)
+    if positions is None:
+        return
+    for where, ds in datasets.items():
+        n = getattr(ds, "max_text_len", None)
+        if n is not None and int(n) > int(positions):
+            raise ConfigError(f"{where}.max_text_len={n} is above the model's {positions} text positions "
+                              f"(positions beyond them have no embedding); lower {where}.max_text_len")

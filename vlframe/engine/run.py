@@ -8,6 +8,19 @@ from typing import Sequence
 from vlframe.config import load_and_validate
 
 
+def one_line_error(e: BaseException) -> bool:
+    """Whether ``e`` is reported as one line (config, data and checkpoint errors, raised to be
+    read) rather than with its traceback (anything raised inside a user's component, see
+    ``registry.build``, unless it is one of vlframe's own error types or a missing file)."""
+    from vlframe.config import ConfigError
+    from vlframe.data.importers.common import DataFormatError
+    from vlframe.engine.checkpoint import CheckpointError
+
+    if getattr(e, "vlframe_component", None):
+        return isinstance(e, (ConfigError, DataFormatError, CheckpointError, FileNotFoundError))
+    return True
+
+
 def default_work_dir(config_path: str) -> str:
     return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 

@@ -26,12 +26,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vlframe.config import ConfigError
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
 from vlframe.engine.hooks import KeepBestCheckpoint
 from vlframe.engine.optim import build_optimizer, linear_warmup_decay
-from vlframe.engine.resume import StartPlan, plan_start, save_run_config, truncate_metrics
+from vlframe.engine.resume import StartPlan, check_text_positions, plan_start, save_run_config, truncate_metrics
 from vlframe.metrics.average import Average
 from vlframe.registry import DATASETS, HOOKS, MODELS, TASKS, build, import_custom
 from vlframe.tasks.base import DataInfo
@@ -105,7 +106,14 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={name}: not a device ({e}); use auto, cpu, cuda or cuda:<i>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"train.device={name}: CUDA is not available ({why}); use train.device=cpu or auto")
+    return device
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -144,6 +152,7 @@ class Trainer:
         self.val_set = build(cfg.data.val, DATASETS, where="data.val") if cfg.data.get("val") else None
         info = DataInfo.from_dataset(self.train_set)
         self.model = build(cfg.model, MODELS, where="model")
+        check_text_positions(self.model, {"data.train": self.train_set, "data.val": self.val_set})
         if self.model.img_dim != info.feat_dim:
             raise ValueError(
                 f"model.img_dim={self.model.img_dim} but the region store of data.train has feat_dim={info.feat_dim}"

@@ -111,6 +111,11 @@ class UniterModel(nn.Module):
 
             load_pretrained(self, pretrained)
 
+    @property
+    def max_text_positions(self) -> int:
+        """Longest text (CLS and SEP included) the position table covers."""
+        return self.text_embed.position.num_embeddings
+
     # The weights that tied heads reuse (the model stays their single owner).
     @property
     def word_embeddings(self) -> nn.Embedding:
