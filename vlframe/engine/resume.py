@@ -130,7 +130,10 @@ def plan_start(cfg: DictConfig, *, ckpt_dir: str, is_main: bool = True) -> Start
         _check_same_config(state, cfg, path)
     else:
         path = resume
-        state = ckpt.load(path)
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"train.resume: {e}") from None
         if not ckpt.is_training_checkpoint(state):
             raise ckpt.CheckpointError(
                 f"train.resume={path}: not a vlframe training checkpoint (no 'step'/'model'); to start from "

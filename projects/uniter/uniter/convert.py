@@ -501,6 +501,8 @@ def convert_file(
     """Convert the checkpoint file ``src`` into ``dst``; returns the input keys left out
     (only with ``strict=False``). ``source``/``target``: ``original`` -> ``vlframe``,
     ``vlframe`` -> ``original`` or ``bert`` -> ``vlframe``."""
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: is the input; refusing to write over it (give another output path)")
     route = (source, target)
     if route not in {("original", "vlframe"), ("vlframe", "original"), ("bert", "vlframe")}:
         raise ValueError(

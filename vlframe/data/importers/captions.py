@@ -62,7 +62,7 @@ def read_karpathy(path: str | os.PathLike, *, img_id: str | None = None, report:
     """
     path = os.fspath(path)
     report = report or ImportReport(os.path.basename(path))
-    data = read_json(path)
+    data = read_json(path, report)
     if not isinstance(data, dict):
         raise DataFormatError(path, "top level", f"expected an object with 'images', got {type(data).__name__}",
                               reason="top level is not an object")

@@ -74,11 +74,30 @@ class ImportReport:
         return {"name": self.name, "written": self.written, "skipped": dict(self.skipped)}
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Whole-file JSON; a truncated or malformed file raises naming the file, line and column."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _decode(raw: bytes, path: str, report: ImportReport | None) -> str:
+    """UTF-8 text of a whole file. A byte that is not UTF-8 raises naming the file and its offset;
+    under ``report.skip_bad`` such bytes become lone surrogates instead, so each record that holds
+    one is refused (and counted) by :func:`require` while the others are kept."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        if report is None or not report.skip_bad:
+            raise DataFormatError(path, f"byte {e.start} (line {line})",
+                                  f"not UTF-8 text ({e.reason}: {raw[e.start:e.end]!r}); --skip-bad skips the "
+                                  "records that hold such bytes", reason="not UTF-8 text") from None
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def read_json(path: str | os.PathLike, report: ImportReport | None = None) -> Any:
+    """Whole-file JSON; a truncated or malformed file raises naming the file, line and column, a
+    byte that is not UTF-8 naming its offset (see :func:`_decode` for ``report.skip_bad``)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path, report)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -91,23 +110,31 @@ def read_json(path: str | os.PathLike) -> Any:
 def iter_jsonl(path: str | os.PathLike, report: ImportReport | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` for each non-blank line (numbers start at 1).
 
-    A malformed line raises naming its number, or is counted and skipped when ``report.skip_bad``.
+    A malformed line (bad JSON, or bytes that are not UTF-8: the message gives the file offset)
+    raises naming its number, or is counted and skipped when ``report.skip_bad``.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                err = DataFormatError(path, f"line {lineno} (byte {start + e.start} of the file)",
+                                      f"not UTF-8 text ({e.reason}: {raw[e.start:e.end]!r})", reason="not UTF-8 text")
             except json.JSONDecodeError as e:
                 err = DataFormatError(path, f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})",
                                       reason="malformed JSON line")
-                if report is None:
-                    raise err from None
-                report.bad(err)
+            else:
+                yield lineno, obj
                 continue
-            yield lineno, obj
+            if report is None:
+                raise err from None
+            report.bad(err)
 
 
 def require(record: Any, name: str, types: type | tuple[type, ...], source: str | os.PathLike, where: str) -> Any:
@@ -123,6 +150,11 @@ def require(record: Any, name: str, types: type | tuple[type, ...], source: str 
         want = " or ".join(t.__name__ for t in types_t)
         raise DataFormatError(source, where, f"field {name!r} should be {want}, got {type(value).__name__} {value!r:.60}",
                               reason=f"field {name!r} has the wrong type")
+    if isinstance(value, str) and (m := _SURROGATE.search(value)):
+        # a "\\ud800" escape in the JSON, or a byte that is not UTF-8 read under --skip-bad
+        raise DataFormatError(source, where, f"field {name!r} is not valid text: lone surrogate U+{ord(m.group()):04X} "
+                              f"at character {m.start()} (a \\u escape of half a pair, or a byte that is not UTF-8)",
+                              reason=f"field {name!r} is not valid text")
     return value
 
 

@@ -262,7 +262,7 @@ def read_vqa_vocab_source(annotation_files: Sequence[str | os.PathLike], report:
     answers = []
     for path in annotation_files:
         src = os.fspath(path)
-        for i, ann in enumerate(_list_field(read_json(src), "annotations", src)):
+        for i, ann in enumerate(_list_field(read_json(src, report), "annotations", src)):
             try:
                 answers.append(require(ann, "multiple_choice_answer", str, src, f"record {i}"))
             except DataFormatError as err:
@@ -321,7 +321,7 @@ def import_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | No
     _check_out(out, overwrite)
     fmt = _ImgIdFormat(img_id_format, VQA_IMG_FIELDS)
     qsrc = os.fspath(questions)
-    qdata = read_json(qsrc)
+    qdata = read_json(qsrc, report)
     qlist = _list_field(qdata, "questions", qsrc)
     subtype = qdata.get("data_subtype")  # absent -> an img_id_format that uses it fails, naming the record
 
@@ -341,7 +341,7 @@ def import_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | No
     if annotations is not None:
         asrc = os.fspath(annotations)
         anns = {}
-        for i, ann in enumerate(_list_field(read_json(asrc), "annotations", asrc)):
+        for i, ann in enumerate(_list_field(read_json(asrc, report), "annotations", asrc)):
             try:
                 image_id, extra = _vqa_annotation(ann, asrc, f"record {i}", ans2label)
                 qid = extra["question_id"]
@@ -536,7 +536,7 @@ def import_refcoco(refs: str | os.PathLike, instances: str | os.PathLike, *, out
     ref_list = load_plain_pickle(rsrc)
     if not isinstance(ref_list, list):
         raise DataFormatError(rsrc, None, f"expected a list of refs, got {type(ref_list).__name__}", reason="wrong top-level type")
-    inst = read_json(isrc)
+    inst = read_json(isrc, report)
 
     images: dict[int, tuple[float, float, str]] = {}
     for i, im in enumerate(_list_field(inst, "images", isrc)):
