@@ -14,6 +14,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from tests.conftest import UNITER_DB
+from tests.conftest import needs_fixtures as needs_fixtures_at
+
 from vlframe.data.importers import captions, uniter_txt
 from vlframe.data.importers.captions import import_karpathy, read_karpathy
 from vlframe.data.importers.common import DataFormatError, ImportReport, TextEncoder, iter_jsonl, read_json, require
@@ -21,8 +24,8 @@ from vlframe.data.importers.uniter_txt import import_uniter_txt_db
 from vlframe.data.stores import RegionStoreWriter, TextStore
 from vlframe.data.tokenizer import build_tokenizer
 
-FIXTURES = "/work/shared/fixtures/uniter_db_sample"
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="UNITER fixture folder absent")
+FIXTURES = UNITER_DB
+needs_fixtures = needs_fixtures_at("uniter_db_sample", "txt_db")
 
 
 def ours(text: str) -> list[int]:
