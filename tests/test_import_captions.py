@@ -375,13 +375,20 @@ def test_original_txt_db_retokenized(tmp_path):
 def test_every_importer_module_registers_its_subcommands():
     import importlib
 
+    from tests.conftest import ROOT
+    from tools.prepare_data import build_parser
     from vlframe.data.importers import CLI_MODULES
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in CLI_MODULES:  # a clash of subcommand names would raise here
         importlib.import_module(name).register_cli(sub)
-    assert {"tsv_features", "uniter_img_db", "uniter_npz", "uniter_txt_db", "coco_karpathy",
-            "flickr30k_karpathy"} <= set(sub.choices)
+    # one list: tools/prepare_data.py offers exactly these, and the README names exactly these
+    tool = build_parser()._subparsers._group_actions[0].choices
+    assert list(tool) == list(sub.choices)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    listed = {"synthetic"} | set(re.search(r"prepare_data\.py \{([^}]*)\}", readme).group(1).replace("\n", "")
+                                   .replace(" ", "").split(","))
+    assert listed == set(sub.choices)
     args = parser.parse_args(["uniter_txt_db", "x.db", "--out", "o", "--retokenize", "--skip-bad"])
     assert args.func is uniter_txt.run_cli and args.retokenize and args.skip_bad and args.check_side_files
