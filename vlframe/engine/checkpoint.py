@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlframe.io import TMP_SUFFIX, atomic_write, temp_prefix
+from vlframe.io import TMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")

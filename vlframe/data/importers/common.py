@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,10 @@ class ImportReport:
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_example: dict[str, str] = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)  # records written that deserve a note, by reason
+
+    def note(self, reason: str, n: int = 1) -> None:
+        self.noted[reason] += n
 
     def wrote(self, n: int = 1) -> None:
         self.written += n
@@ -68,10 +72,27 @@ class ImportReport:
         for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
             ex = self.first_example.get(reason)
             lines.append(f"  skipped {n}: {reason}" + (f"  (first: {ex})" if ex else ""))
+        for reason, n in sorted(self.noted.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  kept {n}: {reason}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "written": self.written, "skipped": dict(self.skipped)}
+        return {"name": self.name, "written": self.written, "skipped": dict(self.skipped), "noted": dict(self.noted)}
+
+
+# The one rule for --max-text-len in every importer: texts are stored whole (the dataset cuts at
+# read time, to its own max_text_len, and counts what it cut); longer ones are counted here.
+TOO_LONG = "text longer than max_text_len (kept whole)"
+
+
+def count_too_long(report: ImportReport, token_ids: Sequence[int], max_text_len: int | None) -> None:
+    if max_text_len is not None and len(token_ids) > max_text_len:
+        report.note(TOO_LONG)
+
+
+def check_max_text_len(max_text_len: int | None) -> None:
+    if max_text_len is not None and max_text_len < 1:
+        raise ValueError(f"max_text_len must be >= 1, got {max_text_len}")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -175,12 +196,11 @@ _ENCODE_KW = {"add_special_tokens": False, "return_attention_mask": False, "retu
 
 
 class TextEncoder:
-    """Our tokenizer, used once at import time: raw text -> ids without CLS/SEP, cut to ``max_len``.
-
-    :meth:`store_kwargs` gives the ``TextStoreWriter`` arguments that describe it.
+    """Our tokenizer, used once at import time: raw text -> ids without CLS/SEP, never cut (see
+    :data:`TOO_LONG`). :meth:`store_kwargs` gives the ``TextStoreWriter`` arguments that describe it.
     """
 
-    def __init__(self, tokenizer: Any = None, *, tokenizer_name: str | None = None, max_len: int | None = None):
+    def __init__(self, tokenizer: Any = None, *, tokenizer_name: str | None = None):
         if tokenizer is None:
             from vlframe.data.tokenizer import build_tokenizer
 
@@ -188,20 +208,15 @@ class TextEncoder:
             tokenizer_name = tokenizer_name or "bert-base-uncased"
         self.tokenizer = tokenizer
         self.tokenizer_name = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self.max_len = max_len
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, **_ENCODE_KW)["input_ids"]
-        return ids[: self.max_len] if self.max_len else ids
+        return self.tokenizer(text, **_ENCODE_KW)["input_ids"]
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         # The fast tokenizer works on a list in one call, far quicker than one text at a time.
         if not texts:
             return []
-        out = self.tokenizer(texts, **_ENCODE_KW)["input_ids"]
-        return [ids[: self.max_len] for ids in out] if self.max_len else list(out)
+        return list(self.tokenizer(texts, **_ENCODE_KW)["input_ids"])
 
     def store_kwargs(self) -> dict[str, Any]:
         t = self.tokenizer
@@ -224,7 +239,8 @@ def add_common_args(p: argparse.ArgumentParser, *, text: bool = True) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records and count them by reason instead of stopping at the first")
     if text:
-        p.add_argument("--max-text-len", type=int, default=None, help="cut token ids to this many (no CLS/SEP)")
+        p.add_argument("--max-text-len", type=int, default=None,
+                       help="count texts longer than this many wordpieces (kept whole; the dataset cuts at read time)")
         p.add_argument("--tokenizer", default=None,
                        help="tokenizer folder or vocab.txt (default: the bundled bert-base-uncased vocabulary)")
 
@@ -233,8 +249,8 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
     if getattr(args, "tokenizer", None):
         from vlframe.data.tokenizer import build_tokenizer
 
-        return TextEncoder(build_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer, max_len=args.max_text_len)
-    return TextEncoder(max_len=getattr(args, "max_text_len", None))
+        return TextEncoder(build_tokenizer(args.tokenizer), tokenizer_name=args.tokenizer)
+    return TextEncoder()
 
 
 class _RefusedValue(ValueError):
