@@ -10,7 +10,8 @@ Features
   unless asked for. Gradients are unscaled before clipping.
 - Checkpoints (model, optimizer, scheduler, scaler, step, RNG states, data position, the task
   sampler, the resolved config) are written atomically; ``resume=auto`` continues from the newest
-  good one, exactly where it stopped.
+  good one, exactly where it stopped. What a start may resume (and every weights file it reads) is
+  decided before data and model are built (``vlframe.engine.resume``).
 - Validation every ``val_interval`` steps; progress bar, ``metrics.jsonl`` and TensorBoard.
 """
 from __future__ import annotations
