@@ -45,6 +45,14 @@ DAMAGES = [
                                                 for d, p in DAMAGES if not (k == "train.resume" and d == "safetensors")])
 def test_every_checkpoint_path_fails_in_one_line_before_data(capsys, tmp_path, key, damage, problem):
     marker = str(tmp_path / "ran")
+    path = _damaged(tmp_path, damage, marker)
+    line = _run(capsys, DEMO, f"{key}={path}", *_missing_data(tmp_path))
+    assert path in line and problem in line and key.split(".")[-1] in line, line
+    assert "no_regions" not in line  # checked before the data
+    assert not os.path.exists(marker)
+
+
+def _damaged(tmp_path, damage: str, marker: str) -> str:
     path = str(tmp_path / ("weights.safetensors" if damage == "safetensors" else "weights.pt"))
     if damage == "empty":
         open(path, "wb").close()
@@ -58,10 +66,7 @@ def test_every_checkpoint_path_fails_in_one_line_before_data(capsys, tmp_path, k
         open(path, "wb").write(len(header).to_bytes(8, "little") + header)
     elif damage == "payload":
         torch.save({"model": {"w": torch.zeros(1)}, "x": Payload(marker)}, path)
-    line = _run(capsys, DEMO, f"{key}={path}", *_missing_data(tmp_path))
-    assert path in line and problem in line and key.split(".")[-1] in line, line
-    assert "no_regions" not in line  # checked before the data
-    assert not os.path.exists(marker)
+    return path
 
 
 def _subprocess(*argv, cwd=ROOT):
@@ -111,24 +116,30 @@ def test_max_text_len_above_model_positions(capsys, synth_cache, tmp_path):
 # --------------------------------------------------------------------------- convert_checkpoint
 
 
-def _convert(*argv):
-    return _subprocess(os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--from", "original", "--to", "vlframe",
-                       *argv)
+def test_convert_checkpoint_refuses_bad_input_and_its_own_input(capsys, tmp_path):
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
 
-def test_convert_checkpoint_refuses_bad_input_and_its_own_input(tmp_path):
+    def convert(src, dst) -> tuple[int, str]:  # main's return value is the script's exit code
+        code = tool.main(["--from", "original", "--to", "vlframe", src, dst])
+        return code, capsys.readouterr().err.strip()
+
     good = _real_checkpoint(tmp_path)
     before = open(good, "rb").read()
-    out = _convert(good, good)
-    assert out.returncode == 2 and out.stderr.strip() == f"error: {good}: is the input; refusing to write over it " \
-                                                        "(give another output path)"
+    assert convert(good, good) == (2, f"error: {good}: is the input; refusing to write over it (give another output path)")
     assert open(good, "rb").read() == before
-    trunc = tmp_path / "cut.pt"
-    trunc.write_bytes(before[: len(before) // 3])
-    out = _convert(str(trunc), str(tmp_path / "o.pt"))
-    assert out.returncode == 2 and out.stderr.strip().startswith(f"error: input: {trunc}: truncated")
-    out = _convert(str(tmp_path / "nope.pt"), str(tmp_path / "o.pt"))
-    assert out.returncode == 2 and out.stderr.strip() == f"error: input: {tmp_path / 'nope.pt'}: no such file"
+    assert convert(str(tmp_path / "nope.pt"), str(tmp_path / "o.pt")) == (
+        2, f"error: input: {tmp_path / 'nope.pt'}: no such file")
+    for damage, problem in DAMAGES[1:]:
+        sub = tmp_path / damage
+        sub.mkdir()
+        path = _damaged(sub, damage, str(sub / "ran"))
+        code, err = convert(path, str(tmp_path / "o.pt"))
+        assert code == 2 and err.startswith(f"error: input: {path}: {problem}") and "\n" not in err, err
+        assert not (sub / "ran").exists()
     assert not (tmp_path / "o.pt").exists()
 
 

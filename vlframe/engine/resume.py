@@ -42,6 +42,7 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "data.num_workers",
     "data.pin_memory",
     "data.val_batch_units",
+    "data.*.cache_dir",  # where the synthetic world is cached, not what it holds
     "work_dir",
 )
 
