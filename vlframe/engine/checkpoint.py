@@ -29,7 +29,7 @@ from vlframe.io import TMP_SUFFIX, atomic_write
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 # atomic_write's temp files for a checkpoint: ".ckpt_0000100.pt.<random>.tmp"
-_ORPHAN = re.compile(r"^\.ckpt_\d+\.pt\..+" + re.escape(TMP_SUFFIX) + "$|^\.best\.pt\..+" + re.escape(TMP_SUFFIX) + "$")
+_ORPHAN = re.compile(r"^\.(ckpt_\d+|best)\.pt\..+" + re.escape(TMP_SUFFIX) + "$")
 BEST_NAME = "best.pt"
 
 
