@@ -134,3 +134,26 @@ def test_checkpoint_payload_is_refused(tmp_path, name):
     with pytest.raises((ValueError, RuntimeError), match=r"ckpt_0000001\.pt"):
         _checkpoint_loaders()[name](path, str(tmp_path / "out.pt"))
     assert not os.path.exists(marker)
+
+
+def test_our_region_store_never_unpickles(tmp_path):
+    """Our own stores decode msgpack without object hooks: a msgpack-numpy object array planted
+    in a record is a corrupt record, not code."""
+    import lmdb
+
+    from tests.test_stores import C, D, _image
+    from vlframe.data.stores import RegionStore, RegionStoreWriter
+
+    marker = str(tmp_path / "ran")
+    path = tmp_path / "regions"
+    with RegionStoreWriter(path, feat_dim=D, num_labels=C) as w:
+        w.add("img0", **_image(np.random.default_rng(0), 5))
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        rec = msgpack.unpackb(txn.get(b"img0"), raw=False)
+        rec["features"] = msgpack_numpy.encode(_object_array(marker))
+        txn.put(b"img0", msgpack.packb(rec, use_bin_type=True))
+    env.close()
+    with pytest.raises(ValueError, match=r"regions: img_id 'img0'"):
+        RegionStore(path).get("img0")
+    assert not os.path.exists(marker)
