@@ -160,6 +160,7 @@ CASES = {
 TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_pretraining_task_trains_two_steps(case, synth_cache, tmp_path):
     first, second, itm_solver, wra_solver = CASES[case]

@@ -14,22 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlframe.modules.transformer import TransformerLayer
+from vlframe.modules.transformer import SelfAttention, TransformerLayer
 
 
-class CrossAttention(nn.Module):
-    """``forward(x [B, N, H], context [B, M, H], context_mask [B, M] bool) -> [B, N, H]``."""
-
-    def __init__(self, *, hidden_size: int, num_heads: int, dropout: float = 0.1):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.out = nn.Linear(hidden_size, hidden_size)
+class CrossAttention(SelfAttention):
+    """``forward(x [B, N, H], context [B, M, H], context_mask [B, M] bool) -> [B, N, H]``: the
+    projections of :class:`~vlframe.modules.transformer.SelfAttention`, with the queries taken
+    from ``x`` and the keys and values from ``context``."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         b, n, h = x.shape
