@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import FIXTURES
+from tests.conftest import needs_fixtures as needs_fixtures_at
+
 from projects.uniter.uniter.convert import (
     DEFAULT_TASKS,
     convert_file,
@@ -22,8 +25,7 @@ from vlframe.registry import TASKS, build
 from vlframe.tasks.base import DataInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "..", "shared", "fixtures")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no fixtures folder at {FIXTURES}")
+needs_fixtures = needs_fixtures_at("uniter_ref_tiny.pt")
 MASK_EMB = "uniter.img_embeddings.mask_embedding.weight"
 TINY = dict(vocab_size=120, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_positions=40)
 
@@ -62,8 +64,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tu
 
 @pytest.fixture(scope="module")
 def ref_state():
-    if not os.path.isdir(FIXTURES):
-        pytest.skip(f"no fixtures folder at {FIXTURES}")
     return torch.load(os.path.join(FIXTURES, "uniter_ref_tiny.pt"), map_location="cpu", weights_only=True)[
         "state_dict"
     ]

@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+
+from tests.conftest import UNITER_DB, needs_fixtures
 import torch
 from torch.utils.data import DataLoader
 
@@ -17,8 +19,7 @@ from vlframe.registry import DATASETS, build
 D, C = 6, 4
 SPECIAL = {"cls": 101, "sep": 102, "mask": 103, "pad": 0, "unk": 100}
 TINY_WORLD = dict(seed=1, num_images=24, feat_dim=16, captions_per_image=2)
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
-                        "fixtures", "uniter_db_sample")
+FIXTURES = UNITER_DB
 NPZ = os.path.join(FIXTURES, "npz")
 NBB = os.path.join(FIXTURES, "img_db", "fake", "nbb_th0.2_max100_min10.json")
 
@@ -216,7 +217,7 @@ def test_soft_labels_not_read(stores):
     assert lean.soft_labels is None and torch.equal(lean.img_feat, collate(full).img_feat)
 
 
-@pytest.mark.skipif(not os.path.isdir(NPZ), reason="shared fixtures absent")
+@needs_fixtures("uniter_db_sample", "npz")
 def test_original_uniter_features_pass_unchanged(tmp_path):
     """Detector dumps written by the original UNITER code: the fp16 features and soft labels reach
     the Example bit for bit, K follows the original nbb file, and collate makes exact float32."""

@@ -14,15 +14,18 @@ import msgpack
 import numpy as np
 import pytest
 
+from tests.conftest import UNITER_DB
+from tests.conftest import needs_fixtures as needs_fixtures_at
+
 from vlframe.data.importers import captions, uniter_txt
 from vlframe.data.importers.captions import import_karpathy, read_karpathy
-from vlframe.data.importers.common import DataFormatError, ImportReport, TextEncoder, iter_jsonl, read_json, require
+from vlframe.data.importers.common import TOO_LONG, DataFormatError, ImportReport, TextEncoder, iter_jsonl, read_json, require
 from vlframe.data.importers.uniter_txt import import_uniter_txt_db
 from vlframe.data.stores import RegionStoreWriter, TextStore
 from vlframe.data.tokenizer import build_tokenizer
 
-FIXTURES = "/work/shared/fixtures/uniter_db_sample"
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="UNITER fixture folder absent")
+FIXTURES = UNITER_DB
+needs_fixtures = needs_fixtures_at("uniter_db_sample", "txt_db")
 
 
 def ours(text: str) -> list[int]:
@@ -62,11 +65,11 @@ def test_require_names_field_and_type():
     assert require({"n": 3}, "n", int, "a.json", "record 2") == 3
 
 
-def test_text_encoder_matches_tokenizer_and_cuts():
-    enc = TextEncoder(max_len=4)
+def test_text_encoder_matches_tokenizer_and_never_cuts():
+    enc = TextEncoder()
     text = "A man riding a wave on top of a surfboard."
-    assert enc.encode(text) == ours(text)[:4]
-    assert enc.encode_many([text, "two dogs"]) == [ours(text)[:4], ours("two dogs")]
+    assert enc.encode(text) == ours(text) and len(ours(text)) > 10
+    assert enc.encode_many([text, "two dogs"]) == [ours(text), ours("two dogs")]
     kw = enc.store_kwargs()
     assert kw["special_ids"] == {"cls": 101, "sep": 102, "mask": 103, "pad": 0, "unk": 100}
     assert kw["vocab_size"] == 30522 and kw["tokenizer_name"] == "bert-base-uncased"
@@ -133,7 +136,8 @@ def test_coco_restval_into_train_split_choice_and_id_template(tmp_path):
     train = TextStore(tmp_path / "out" / "train")
     assert sorted(train.img2txts) == ["coco_train2014_000000000009.npz", "coco_train2014_000000000109.npz"]
     assert sorted(train.ids(), key=int) == ["0", "1", "2", "3"]
-    assert train.get("2").token_ids.tolist() == ours(COCO_SENTS[2])[:5]
+    assert train.get("2").token_ids.tolist() == ours(COCO_SENTS[2])  # kept whole (the one --max-text-len rule) ...
+    assert reports["train"].noted[TOO_LONG] == 4 and reports["test"].noted[TOO_LONG] == 2  # ... and counted
     assert train.get("2").extra == {"karpathy_split": "restval"}
     assert not os.path.exists(tmp_path / "out" / "val")
     with pytest.raises(ValueError, match=r"unknown field \{cocoid\.real\}"):
@@ -220,8 +224,9 @@ def test_karpathy_truncated_file_and_cli(tmp_path, capsys):
                               "--max-text-len", "3"])
     reports = args.func(args)
     assert sorted(reports) == ["test", "val"]
-    assert "dataset_coco.json [val]: wrote 2 record(s), skipped 0" in capsys.readouterr().out
-    assert TextStore(tmp_path / "out" / "val").get("4").token_ids.tolist() == ours(COCO_SENTS[4])[:3]
+    out = capsys.readouterr().out
+    assert "dataset_coco.json [val]: wrote 2 record(s), skipped 0" in out and f"kept 2: {TOO_LONG}" in out
+    assert TextStore(tmp_path / "out" / "val").get("4").token_ids.tolist() == ours(COCO_SENTS[4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +294,12 @@ def test_txt_db_retokenize_through_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     uniter_txt.register_cli(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(["uniter_txt_db", db, "--out", str(tmp_path / "out"), "--retokenize", "--max-text-len", "4"])
-    assert args.func(args).written == 3
+    report = args.func(args)
+    assert report.written == 3 and report.noted[TOO_LONG] == 3
     assert "wrote 3 record(s), skipped 0" in capsys.readouterr().out
     store = TextStore(tmp_path / "out")
     assert store.meta["tokenizer_name"] == "bert-base-uncased" and store.vocab_size == 30522
-    assert store.get("262148001").token_ids.tolist() == ours("What color is the shirt?")[:4]
+    assert store.get("262148001").token_ids.tolist() == ours("What color is the shirt?")  # kept whole
 
 
 @pytest.mark.parametrize("kind, match", [
@@ -372,13 +378,20 @@ def test_original_txt_db_retokenized(tmp_path):
 def test_every_importer_module_registers_its_subcommands():
     import importlib
 
+    from tests.conftest import ROOT
+    from tools.prepare_data import build_parser
     from vlframe.data.importers import CLI_MODULES
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in CLI_MODULES:  # a clash of subcommand names would raise here
         importlib.import_module(name).register_cli(sub)
-    assert {"tsv_features", "uniter_img_db", "uniter_npz", "uniter_txt_db", "coco_karpathy",
-            "flickr30k_karpathy"} <= set(sub.choices)
+    # one list: tools/prepare_data.py offers exactly these, and the README names exactly these
+    tool = build_parser()._subparsers._group_actions[0].choices
+    assert list(tool) == list(sub.choices)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    listed = {"synthetic"} | set(re.search(r"prepare_data\.py \{([^}]*)\}", readme).group(1).replace("\n", "")
+                                   .replace(" ", "").split(","))
+    assert listed == set(sub.choices)
     args = parser.parse_args(["uniter_txt_db", "x.db", "--out", "o", "--retokenize", "--skip-bad"])
     assert args.func is uniter_txt.run_cli and args.retokenize and args.skip_bad and args.check_side_files

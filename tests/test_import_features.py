@@ -16,14 +16,15 @@ import msgpack_numpy
 import numpy as np
 import pytest
 
+from tests.conftest import UNITER_DB
+from tests.conftest import needs_fixtures as needs_fixtures_at
+
 from vlframe.data.importers.common import DataFormatError
 from vlframe.data.importers.features import (TSV_LAYOUTS, import_npz_dir, import_tsv, import_uniter_img_db,
                                              iter_uniter_img_db, register_cli)
 from vlframe.data.stores import RegionStore, box7
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "uniter_db_sample")
-if not os.path.isdir(FIXTURES):
-    FIXTURES = "/work/shared/fixtures/uniter_db_sample"
+FIXTURES = UNITER_DB
 D, C = 16, 9  # small feature / label sizes keep the tests fast
 
 
@@ -182,7 +183,7 @@ def test_tsv_malformed_lines_name_file_and_line(tmp_path, kind, match):
     (tmp_path / "bad.tsv").write_text(text)
     with pytest.raises(DataFormatError, match=match):
         import_tsv(tmp_path / "bad.tsv", tmp_path / "store")
-    with pytest.raises(ValueError, match="incomplete write"):  # the stopped import left no usable store
+    with pytest.raises(FileNotFoundError, match="folder not found"):  # the stopped import left nothing
         RegionStore(tmp_path / "store")
     # skip mode: the bad line is counted by reason, the others are written
     report = import_tsv(tmp_path / "bad.tsv", tmp_path / "store", skip_bad=True, overwrite=True)
@@ -354,7 +355,7 @@ def test_npz_folder_round_trip_and_bad_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the genuine samples written by the original UNITER code
 
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="UNITER fixture folder absent")
+needs_fixtures = needs_fixtures_at("uniter_db_sample")
 
 
 @needs_fixtures

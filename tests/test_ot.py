@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import FIXTURES, needs_fixtures
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from vlframe.registry import OT_SOLVERS, UnknownComponentError, build
 
 ot = pytest.importorskip("ot")  # POT, the reference implementation
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "uniter_ref_tiny.pt"
+FIXTURE = Path(FIXTURES) / "uniter_ref_tiny.pt"
 
 
 @pytest.fixture(autouse=True)
@@ -282,7 +284,7 @@ def test_ipot_gradient_is_through_the_cost_only():
     assert torch.all(xa.grad[~mx] == 0) and torch.all(ya.grad[~my] == 0)
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixtures folder absent")
+@needs_fixtures("uniter_ref_tiny.pt")
 def test_ipot_matches_original_uniter_code():
     ref = torch.load(FIXTURE, weights_only=True)["ipot"]
     mask_t, mask_i = ~ref["txt_pad"], ~ref["img_pad"]  # the original's masks are True on padding

@@ -20,10 +20,10 @@ from vlframe.engine.trainer import VLModule
 from vlframe.masking import IGNORE_INDEX
 from vlframe.registry import OT_SOLVERS, TASKS, build
 from vlframe.tasks.base import DataInfo
+from tests.conftest import FIXTURES, needs_fixtures
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures")
 REF_PATH = os.path.join(FIXTURES, "uniter_ref_tiny.pt")
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no fixtures folder at {FIXTURES}")
+pytestmark = needs_fixtures("uniter_ref_tiny.pt")
 
 ATOL = 1e-5
 OT_ATOL = 1e-4

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlframe.data.sampler import TokenBudgetSampler, original_uniter_batches, padded_cost
+from benchmarks.original_sampler import original_uniter_batches
+from vlframe.data.sampler import TokenBudgetSampler, padded_cost
 from vlframe.registry import SAMPLERS, build
 
 

@@ -150,13 +150,14 @@ def test_region_reader_errors(tmp_path, region_store):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a region store"):
         RegionStore(tmp_path / "empty")
-    # a writer that failed part-way leaves no meta record: not taken for a store
+    # a writer that failed part-way leaves nothing under the store's name (it wrote aside)
     with pytest.raises(RuntimeError):
         with RegionStoreWriter(tmp_path / "half", feat_dim=D, num_labels=C) as w:
             w.add("a", **_image(np.random.default_rng(1), 3))
             raise RuntimeError("crash")
-    with pytest.raises(ValueError, match="not a region store"):
+    with pytest.raises(FileNotFoundError, match="folder not found"):
         RegionStore(tmp_path / "half")
+    assert not [n for n in os.listdir(tmp_path) if "half" in n]
     with pytest.raises(FileExistsError):
         RegionStoreWriter(path, feat_dim=D, num_labels=C)
 

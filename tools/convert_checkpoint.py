@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
 from projects.uniter.uniter.convert import DEFAULT_TASKS, convert_file  # noqa: E402
+from vlframe.engine.checkpoint import check_file  # noqa: E402
 
 
 def _names(pairs: list[str]) -> dict[str, str]:
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (bert; default: config.json)")
     args = p.parse_args(argv)
     try:
+        check_file(args.input, what="input")  # missing, truncated, not a checkpoint: one line, before any work
         skipped = convert_file(
             args.input,
             args.output,

@@ -4,7 +4,7 @@
     python tools/prepare_data.py <importer> ...      (see --help for the list)
 
 Each subcommand is defined by a module's ``register_cli(subparsers)``, which adds its parser and
-sets ``func``; to add one, append its module to ``CLI_MODULES``.
+sets ``func``; to add one, append its module to ``vlframe.data.importers.CLI_MODULES``.
 """
 from __future__ import annotations
 
@@ -15,27 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-CLI_MODULES = [
-    "vlframe.data.synthetic",
-    "vlframe.data.importers.features",
-    "vlframe.data.importers.captions",
-    "vlframe.data.importers.uniter_txt",
-    "vlframe.data.importers.tasks",
-]
-_OPTIONAL_PREFIX = "vlframe.data.importers."  # importers may be absent from a checkout; nothing else may
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlframe.data.importers import CLI_MODULES  # the one list of subcommand modules
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if name.startswith(_OPTIONAL_PREFIX) and e.name == name:
-                continue
-            raise
-        module.register_cli(sub)
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
-from vlframe.launch import launch  # noqa: E402
+from vlframe.launch import launch, one_line_error  # noqa: E402
 from vlframe.launch.slurm import LaunchError  # noqa: E402
 
 
@@ -24,7 +24,9 @@ def main(argv=None) -> int:
     try:
         out = launch(args.config, args.overrides, work_dir=args.work_dir, dry_run=args.dry_run)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, LaunchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not one_line_error(e):
+            raise  # a bug in user code (a registered component): its traceback, with the component named
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     for k, v in sorted(out.get("metrics", {}).items()):
         print(f"{k}: {v:.4f}")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,13 +70,79 @@ def load_plugins() -> list[str]:
     return loaded
 
 
-def import_custom(modules: list[str] | tuple[str, ...] | None, *, where: str = "custom_imports") -> None:
-    """Import user modules named by a config's ``custom_imports`` so their decorators run."""
+_imported_paths: dict[str, str] = {}  # realpath of a custom_imports file/folder -> module name
+
+
+def is_custom_path(entry: str) -> bool:
+    return entry.endswith(".py") or "/" in entry or os.sep in entry or entry.startswith(".")
+
+
+def resolve_custom_path(entry: str, base_dir: str | os.PathLike | None) -> str | None:
+    """The file or package folder a ``custom_imports`` path names: relative to ``base_dir`` (the
+    config's folder) first, then to the current folder; None if neither exists."""
+    expanded = os.path.expanduser(entry)
+    candidates = [expanded] if os.path.isabs(expanded) else [os.path.join(os.fspath(base_dir), expanded)] * bool(base_dir) + [expanded]
+    for c in candidates:
+        if os.path.isfile(c) or os.path.isfile(os.path.join(c, "__init__.py")):
+            return os.path.abspath(c)
+    return None
+
+
+def _import_path(path: str) -> str:
+    """Import a module file or package folder by its own name, its folder put first on sys.path
+    (so it imports as a normal module: its own imports, pickling and DataLoader workers work)."""
+    real = os.path.realpath(path)
+    if real in _imported_paths:
+        return _imported_paths[real]
+    folder, leaf = os.path.split(real.rstrip(os.sep))
+    name = leaf[:-3] if leaf.endswith(".py") else leaf
+    if not name.isidentifier():
+        raise ImportError(f"{path}: {name!r} is not a valid module name (rename the file)")
+    existing = sys.modules.get(name)
+    where = getattr(existing, "__file__", None) or ""
+    if existing is not None and os.path.realpath(where) not in (real, os.path.join(real, "__init__.py")):
+        raise ImportError(f"{path}: a different module named {name!r} is already imported (from {where or 'a builtin'}); "
+                          "rename the file")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    importlib.import_module(name)
+    _imported_paths[real] = name
+    return name
+
+
+def import_custom(modules: list[str] | tuple[str, ...] | None, *, where: str = "custom_imports",
+                  base_dir: str | os.PathLike | None = None) -> None:
+    """Import user modules named by a config's ``custom_imports`` so their decorators run.
+
+    An entry is a module name (``my_project.heads``), also looked up next to the config
+    (``base_dir``), or a path to a ``.py`` file or package folder, relative to the config's folder
+    or the current one. No PYTHONPATH is needed either way."""
     for i, name in enumerate(modules or []):
         try:
-            importlib.import_module(name)
+            if is_custom_path(name):
+                path = resolve_custom_path(name, base_dir)
+                if path is None:
+                    looked = ", ".join(dict.fromkeys(os.path.abspath(p) for p in
+                                                     ([os.path.join(base_dir, name)] if base_dir else []) + [name]))
+                    raise ImportError(f"no such file or package folder (looked at {looked})")
+                _import_path(path)
+                continue
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                top = name.split(".")[0]
+                local = resolve_custom_path(top if "." in name else name + ".py", base_dir) if base_dir else None
+                local = local or (resolve_custom_path(top, base_dir) if base_dir else None)
+                if e.name != top or local is None:
+                    raise
+                # a module (or package) next to the config
+                if base_dir and os.fspath(base_dir) not in sys.path:
+                    sys.path.insert(0, os.path.abspath(base_dir))
+                importlib.import_module(name)
         except ImportError as e:
-            raise ImportError(f"{where}[{i}]: cannot import module {name!r}: {e}") from e
+            hint = ("; give it as a path relative to the config file (e.g. custom_imports: [my_heads.py] or "
+                    "[../my_project/]), put it next to the config, or pip install -e the package that holds it")
+            raise ImportError(f"{where}[{i}]: cannot import module {name!r}: {e}{hint}") from e
 
 
 def lookup(registry: Registry, name: str, *, where: str = "type") -> type:
@@ -108,7 +177,19 @@ def build(cfg: Mapping[str, Any] | None, registry: Registry, *, where: str = "",
     kwargs = {k: v for k, v in cfg.items() if k != "type"}
     kwargs.update(extra)
     cls = lookup(registry, cfg["type"], where=f"{where}.type" if where else "type")
+    label = f"{where or cfg['type']}: {cfg['type']!r} ({cls.__module__}.{getattr(cls, '__qualname__', cls)})"
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:  # the config's arguments do not fit: a config error, one line
+        raise TypeError(f"{where or cfg['type']}: cannot build {cfg['type']!r}: {e}") from None
+    except ValueError:  # no signature to check against
+        pass
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"{where or cfg['type']}: cannot build {cfg['type']!r}: {e}") from e
+    except Exception as e:
+        # Raised inside the component's own code: keep the exception and its traceback, and say
+        # which component it was. Outside vlframe it is user code, shown with its traceback.
+        e.add_note(f"while building {label}")
+        if not cls.__module__.startswith("vlframe.") and not hasattr(e, "vlframe_component"):
+            e.vlframe_component = label
+        raise

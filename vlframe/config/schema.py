@@ -69,8 +69,14 @@ class TrainConfig:
     val_batches: int = ge(0, 0)  # validation batches per task; 0 = the whole split
     ckpt_interval: int = ge(1, 500)  # checkpoint every this many steps (and at the end)
     log_interval: int = ge(1, 10)  # log metrics every this many steps
-    keep_ckpts: int = ge(1, 2)  # step checkpoints kept in work_dir (older ones are deleted)
+    keep_ckpts: int = ge(1, 2)  # newest readable step checkpoints kept (older readable ones are deleted)
+    # validation metric whose best value keeps its state as checkpoints/best.pt, e.g. "val/itm/itm_acc"
+    keep_best: str | None = None
+    keep_best_mode: Literal["max", "min"] = "max"  # whether a higher or a lower keep_best value is better
     resume: str = "auto"  # auto = latest checkpoint in work_dir if any | never | <checkpoint path>
+    # resume=auto even where the checkpoint's config differs in keys not safe to change on resume
+    # (vlframe/engine/resume.py SAFE_ON_RESUME); otherwise such a resume is refused naming the keys
+    resume_changed_config: bool = False
     init_from: str | None = None  # weights to start from (checkpoint path); None = fresh init
     progress: bool = True  # console progress bar
     # task-mix phases before the tasks' own mix applies, e.g. [{until_step: 600, mix: {itm: 1}}]:

@@ -349,10 +349,12 @@ def check_section(node: Any, schema: type, path: str = "") -> None:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
 
 
-def validate(cfg: DictConfig | Mapping[str, Any], *, schema: type = Config) -> None:
+def validate(cfg: DictConfig | Mapping[str, Any], *, schema: type = Config,
+             base_dir: str | os.PathLike | None = None) -> None:
     """Validate a loaded config; raise :class:`ConfigError` (one line) at the first problem.
 
-    Imports ``custom_imports`` and the ``vlframe.plugins`` entry points first, so user
+    Imports ``custom_imports`` (paths and modules next to the config are found from
+    ``base_dir``, the config's folder) and the ``vlframe.plugins`` entry points first, so user
     components are registered before their nodes are checked.
     """
     data = config_to_dict(cfg)
@@ -361,7 +363,7 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, schema: type = Config) -> N
     imports = data.get("custom_imports") or []
     check_type(imports, list[str], "custom_imports")
     try:
-        R.import_custom(imports)
+        R.import_custom(imports, base_dir=base_dir)
     except ImportError as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     R.load_plugins()
@@ -380,8 +382,13 @@ def apply_defaults(cfg: DictConfig | Mapping[str, Any], config_path: str | os.Pa
 def load_and_validate(path: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
     """Load, validate, and fill in schema defaults: the config a run starts from."""
     cfg = load_config(path, overrides)
-    validate(cfg)
-    return apply_defaults(cfg, path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    validate(cfg, base_dir=base_dir)
+    cfg = apply_defaults(cfg, path)
+    # Paths in custom_imports become absolute: the run (and its saved config) finds them from anywhere.
+    cfg.custom_imports = [R.resolve_custom_path(m, base_dir) or m if R.is_custom_path(m) else m
+                          for m in cfg.custom_imports]
+    return cfg
 
 
 # ----------------------------------------------------------------------------- listing
@@ -405,7 +412,7 @@ def format_components(config: str | os.PathLike | None = None, registry: str | N
     if config is not None:
         imports = config_to_dict(load_config(config)).get("custom_imports") or []
         check_type(imports, list[str], "custom_imports")
-        R.import_custom(imports)
+        R.import_custom(imports, base_dir=os.path.dirname(os.path.abspath(config)))
     R.load_plugins()
     regs = [_find_registry(registry)] if registry else list(R.ALL_REGISTRIES.values())
     lines: list[str] = []

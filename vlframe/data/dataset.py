@@ -280,7 +280,8 @@ class ImageTextDataset(Dataset):
 
 @DATASETS.register_module(name="synthetic")
 class SyntheticPairs(ImageTextDataset):
-    """A split/domain of the synthetic world, generated under ``cache_dir`` on first use.
+    """A split/domain of the synthetic world, generated under ``cache_dir`` on first use (None:
+    the per-user cache, ``$XDG_CACHE_HOME/vlframe`` or ``~/.cache/vlframe``).
 
     ``split``: "train" | "val"; ``domain``: "in" | "out" | "all" (both). World kwargs
     (``seed``, ``num_images``, ``val_fraction``, ``captions_per_image``, ... see
@@ -290,7 +291,7 @@ class SyntheticPairs(ImageTextDataset):
 
     path_kwargs: tuple[str, ...] = ()  # cache_dir is created and filled on first use
 
-    def __init__(self, *, cache_dir: str = ".cache/vlframe", split: str = "train", domain: str = "in",
+    def __init__(self, *, cache_dir: str | None = None, split: str = "train", domain: str = "in",
                  seed: int = 0, num_images: int = 2000, val_fraction: float = 0.1, feat_dim: int = 256,
                  captions_per_image: int = 5, domains: Sequence[str] = ("in", "out"), out_fraction: float = 0.3,
                  regions_range: Sequence[int] = (10, 40), dup_prob: float = 0.5,

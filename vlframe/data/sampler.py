@@ -15,8 +15,7 @@ Padded cost of a batch of ``b`` examples:
   the separately padded text and region tensors of a collated batch. Buckets are then sorted in two
   levels (by regions into slabs, by text inside each slab) so that both maxima stay tight.
 
-:func:`original_uniter_batches` simulates the original UNITER token sampler, bug included, for
-benchmark comparisons only.
+(The original UNITER sampler's simulation, for comparison, is in ``benchmarks/original_sampler.py``.)
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from torch.utils.data import Sampler
 
 from vlframe.registry import SAMPLERS
 
-__all__ = ["TokenBudgetSampler", "original_uniter_batches", "padded_cost"]
+__all__ = ["TokenBudgetSampler", "padded_cost"]
 
 
 def _as_lengths(values: Sequence[int] | np.ndarray, key: str) -> np.ndarray:
@@ -328,42 +327,3 @@ class TokenBudgetSampler(Sampler[list[int]]):
             "padding_ratio": 1.0 - real / padded,
             "mean_batch_examples": sum(len(b) for b in batches) / len(batches),
         }
-
-
-def original_uniter_batches(
-    lengths: Sequence[int] | np.ndarray,
-    budget: int,
-    seed: int,
-    *,
-    bucket_size: int = 8192,
-    group: int = 8,
-) -> list[list[int]]:
-    """Simulate the ORIGINAL UNITER token sampler, for benchmark comparison only.
-
-    Buckets of ``bucket_size`` shuffled examples are sorted longest first; examples join the batch
-    in groups of ``group``; a batch is closed when ``running_max * (size + group)`` would exceed the
-    budget. The running max is never reset (the original's bug), so once the longest example of the
-    data has been seen every batch is sized for it. Do not use for training.
-    """
-    lens = np.asarray(lengths, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(lens))
-    batches: list[list[int]] = []
-    running_max = 0  # the bug: initialised once, never reset per batch
-    for start in range(0, len(perm), bucket_size):
-        bucket = perm[start : start + bucket_size]
-        bucket = bucket[np.argsort(-lens[bucket], kind="stable")]
-        current: list[int] = []
-        for g in range(0, len(bucket), group):
-            chunk = bucket[g : g + group]
-            running_max = max(running_max, int(lens[chunk].max()))
-            if running_max * (len(current) + group) > budget:
-                if not current:
-                    raise ValueError(f"original_uniter_batches: budget {budget} cannot hold {group} examples")
-                batches.append(current)
-                current = chunk.tolist()
-            else:
-                current.extend(chunk.tolist())
-        if current:
-            batches.append(current)
-    return [batches[i] for i in rng.permutation(len(batches))]

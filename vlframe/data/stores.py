@@ -36,6 +36,7 @@ import abc
 import json
 import os
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ from typing import Any
 import lmdb
 import msgpack
 import numpy as np
+
+from vlframe.io import atomic_write_json, fsync_dir
 
 __all__ = [
     "DataQualityError",
@@ -163,15 +166,27 @@ def select_num_regions(
 # LMDB plumbing
 
 
-def _prepare_dir(path: str, overwrite: bool, what: str) -> None:
-    if os.path.exists(path):
-        if not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-            raise FileExistsError(f"{what} {path}: already exists (pass overwrite=True to replace it)")
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    os.makedirs(path)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _check_target(path: str, overwrite: bool, what: str) -> None:
+    if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{what} {path}: already exists (pass overwrite=True to replace it)")
+
+
+def _swap_in(new_dir: str, path: str) -> None:
+    """Put the finished store ``new_dir`` at ``path``; what was there is removed only after."""
+    parent = os.path.dirname(os.path.abspath(path))
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(new_dir, path)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 
 _ENVS: dict[str, lmdb.Environment] = {}  # realpath -> env; py-lmdb allows one env per path per process
@@ -259,9 +274,14 @@ class _Writer(abc.ABC):
 
     def __init__(self, path: str, *, overwrite: bool, map_size: int):
         self.path = os.fspath(path)
-        _evict_env(self.path)
-        _prepare_dir(self.path, overwrite, self.what)
-        self._env = lmdb.open(self.path, map_size=map_size, subdir=True, readahead=False, meminit=False)
+        _check_target(self.path, overwrite, self.what)
+        # Written aside and swapped in by close(): a failed write (or overwrite) leaves what was at
+        # ``path`` intact.
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(self.path))}.writing-", dir=parent)
+        os.chmod(self._dir, 0o777 & ~_UMASK)  # mkdtemp makes it private; the store gets the usual mode
+        self._env = lmdb.open(self._dir, map_size=map_size, subdir=True, readahead=False, meminit=False)
         self._txn = self._env.begin(write=True)
         self._pending = 0
         self._ids: list[str] = []
@@ -295,12 +315,18 @@ class _Writer(abc.ABC):
         self._env.close()
         self._closed = True
 
+    def _publish(self) -> None:
+        """The last step of close(): the finished folder takes the store's name."""
+        _evict_env(self.path)
+        _swap_in(self._dir, self.path)
+
     def _abort(self) -> None:
         # No meta record is written, so a half-written store is never mistaken for a good one.
         if not self._closed:
             self._txn.abort()
             self._env.close()
             self._closed = True
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -449,6 +475,7 @@ class RegionStoreWriter(_Writer):
             "conf": _pack_array(np.concatenate(self._confs) if self._confs else np.zeros(0, np.float32)),
         }
         self._finish(msgpack.packb(meta, use_bin_type=True))
+        self._publish()
 
 
 class RegionStore:
@@ -606,13 +633,6 @@ class TextRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 class TextStoreWriter(_Writer):
     """Write tokenised texts; ``close()`` writes meta.json, id2len.json, txt2img.json, img2txts.json."""
 
@@ -669,11 +689,11 @@ class TextStoreWriter(_Writer):
         if self._closed:
             return
         self._finish(None)
-        _write_json(os.path.join(self.path, "id2len.json"), self._id2len)
-        _write_json(os.path.join(self.path, "txt2img.json"), self._txt2img)
-        _write_json(os.path.join(self.path, "img2txts.json"), self._img2txts)
+        atomic_write_json(os.path.join(self._dir, "id2len.json"), self._id2len, ensure_ascii=False)
+        atomic_write_json(os.path.join(self._dir, "txt2img.json"), self._txt2img, ensure_ascii=False)
+        atomic_write_json(os.path.join(self._dir, "img2txts.json"), self._img2txts, ensure_ascii=False)
         # meta last: its presence marks a complete store
-        _write_json(os.path.join(self.path, "meta.json"), {
+        atomic_write_json(os.path.join(self._dir, "meta.json"), {
             "format": TEXT_FORMAT,
             "version": FORMAT_VERSION,
             "tokenizer_name": self.tokenizer_name,
@@ -681,7 +701,8 @@ class TextStoreWriter(_Writer):
             "vocab_size": self.vocab_size,
             "count": len(self._ids),
             "ids": self._ids,
-        })
+        }, ensure_ascii=False)
+        self._publish()
 
 
 class TextStore:

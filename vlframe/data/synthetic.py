@@ -480,12 +480,20 @@ def world_dir_name(**params: Any) -> str:
     return "synth-" + hashlib.sha1(blob).hexdigest()[:12]
 
 
-def ensure_world(cache_dir: str = ".cache/vlframe", **params: Any) -> str:
-    """The world for ``params`` under ``cache_dir``: generated once (atomically, under a file lock
-    so parallel tests and DDP ranks do not race), reused afterwards. Returns its folder."""
+def default_cache_dir() -> str:
+    """The per-user cache folder for generated worlds: ``$XDG_CACHE_HOME/vlframe``, else
+    ``~/.cache/vlframe`` (never a folder under wherever the command happens to run)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vlframe")
+
+
+def ensure_world(cache_dir: str | None = None, **params: Any) -> str:
+    """The world for ``params`` under ``cache_dir`` (None: :func:`default_cache_dir`): generated
+    once (atomically, under a file lock so parallel tests and DDP ranks do not race), reused
+    afterwards. Returns its folder."""
     if params.get("overwrite"):
         raise ValueError("ensure_world: 'overwrite' is not accepted; delete the cached folder instead")
-    cache_dir = os.fspath(cache_dir)
+    cache_dir = os.path.expanduser(os.fspath(cache_dir)) if cache_dir else default_cache_dir()
     final = os.path.join(cache_dir, world_dir_name(**params))
     if os.path.isfile(os.path.join(final, "meta.json")):
         return final

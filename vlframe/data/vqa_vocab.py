@@ -184,6 +184,7 @@ def load_answer_vocab(path: str | os.PathLike) -> list[str]:
 
 def save_answer_vocab(vocab: Sequence[str], path: str | os.PathLike) -> None:
     """Write a vocabulary as a JSON list (answer i has label i)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(list(vocab), f, ensure_ascii=False, indent=0)
-        f.write("\n")
+    from vlframe.io import atomic_write
+
+    text = json.dumps(list(vocab), ensure_ascii=False, indent=0) + "\n"
+    atomic_write(path, lambda f: f.write(text), binary=False)

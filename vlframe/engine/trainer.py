@@ -18,7 +18,8 @@ Features
 - Checkpoints (model, optimizer, scheduler, scaler, step, every rank's RNG states and data
   positions, the task sampler, the resolved config) are written atomically by rank 0;
   ``resume=auto`` continues from the newest good one, exactly where it stopped, each rank with
-  its own streams.
+  its own streams. What a start may resume (and every weights file it reads) is decided before
+  data and model are built (``vlframe.engine.resume``).
 - Validation every ``val_interval`` steps; progress bar, ``metrics.jsonl`` and TensorBoard.
 """
 from __future__ import annotations
@@ -34,10 +35,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vlframe.config import ConfigError
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
+from vlframe.engine.hooks import KeepBestCheckpoint
 from vlframe.engine.optim import build_optimizer, linear_warmup_decay
+from vlframe.engine.resume import StartPlan, check_text_positions, plan_start, save_run_config, truncate_metrics
 from vlframe.metrics.base import DatasetMetric
 from vlframe.models import VLEncoder
 from vlframe.registry import DATASETS, HOOKS, MODELS, TASKS, build, import_custom
@@ -139,7 +143,14 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", D.local_rank())
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={name}: not a device ({e}); use auto, cpu, cuda or cuda:<i>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"train.device={name}: CUDA is not available ({why}); use train.device=cpu or auto")
+    return device
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -170,6 +181,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         D.init_from_env(self.device)
         ckpt.seed_all(int(cfg.seed) + D.rank())  # each rank its own dropout (and other) streams
+        # Decided before data and model are built: a refused resume or a bad weights path costs seconds.
+        self.ckpt_dir = os.path.join(work_dir, "checkpoints")
+        self._start = plan_start(cfg, ckpt_dir=self.ckpt_dir, is_main=D.is_main())
 
         # Data and tasks.
         self.train_set = build(cfg.data.train, DATASETS, where="data.train")
@@ -178,6 +192,7 @@ class Trainer:
         self.model = build(cfg.model, MODELS, where="model")
         if not isinstance(self.model, VLEncoder):
             raise TypeError(f"model: {type(self.model).__name__} does not implement vlframe.models.VLEncoder")
+        check_text_positions(self.model, {"data.train": self.train_set, "data.val": self.val_set})
         if self.model.spec.feat_dim != info.feat_dim:
             raise ValueError(
                 f"model: reads region features of size {self.model.spec.feat_dim}, but the region store of "
@@ -236,9 +251,12 @@ class Trainer:
                 find_unused_parameters=True,  # each step trains one task: other heads get no grad
             )
         self.hooks = [build(h, HOOKS, where=f"hooks.{i}") for i, h in enumerate(cfg.get("hooks") or [])]
+        if tc.get("keep_best"):
+            if self.val_set is None:
+                raise ValueError(f"train.keep_best={tc.keep_best}: needs validation, but data.val is null")
+            self.hooks.append(KeepBestCheckpoint(metric=str(tc.keep_best), mode=str(tc.keep_best_mode)))
         self.step = 0
         self._bad_steps: list[int] = []  # the current run of consecutive non-finite-loss steps
-        self.ckpt_dir = os.path.join(work_dir, "checkpoints")
         self._tb = None
 
     # ----------------------------------------------------------------------------- one step
@@ -309,9 +327,7 @@ class Trainer:
         tc = self.cfg.train
         if D.is_main():
             os.makedirs(self.work_dir, exist_ok=True)
-            from vlframe.config import save_config
-
-            save_config(self.cfg, os.path.join(self.work_dir, "config.yaml"))
+            save_run_config(self.cfg, self.work_dir)
         self._resume(str(tc.resume))
         for h in self.hooks:
             h.before_train(self)
@@ -450,7 +466,7 @@ class Trainer:
             return None
         path = self._ckpt_path()
         ckpt.atomic_save(state, path)
-        ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts))
+        ckpt.prune(self.ckpt_dir, int(self.cfg.train.keep_ckpts), current=path)
         for h in self.hooks:
             h.after_checkpoint(self, path)
         return path
@@ -467,22 +483,20 @@ class Trainer:
         log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
 
     def _resume(self, resume: str) -> None:
-        init_from = self.cfg.train.get("init_from")
-        if resume in ("never", "none", ""):
+        """Carry out the start decided in __init__ (``resume.plan_start``): resume or init."""
+        start, self._start = self._start, StartPlan()  # drop the read state once loaded
+        if start.path is None:
+            init_from = self.cfg.train.get("init_from")
             if init_from:
                 self._init_weights(init_from)
-            return
-        if resume == "auto":
-            found = ckpt.newest_good(self.ckpt_dir)
-            if found is None:  # a fresh run
-                if init_from:
-                    self._init_weights(init_from)
-                return
-            path, state = found
         else:
-            path, state = resume, ckpt.load(resume)
-        self.load_state_dict(state, source=path)
-        log.info("resumed from %s at step %d", path, self.step)
+            self.load_state_dict(start.state, source=start.path)
+            log.info("resumed from %s at step %d", start.path, self.step)
+        # What an earlier (killed) run logged after this step is logged again: one line and one
+        # TensorBoard point per step.
+        self._purge_step = self.step + 1
+        if D.is_main():
+            truncate_metrics(os.path.join(self.work_dir, "metrics.jsonl"), self.step)
 
     def _log(self, values: dict[str, float]) -> None:
         if not D.is_main():
@@ -493,6 +507,6 @@ class Trainer:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"), purge_step=getattr(self, "_purge_step", None))
         for k, v in values.items():
             self._tb.add_scalar(k, v, self.step)

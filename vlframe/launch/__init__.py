@@ -14,7 +14,20 @@ from typing import Any
 from vlframe.launch.job import TrainJob, run_training
 from vlframe.launch.preflight import check_data_paths, prepare
 
-__all__ = ["TrainJob", "check_data_paths", "launch", "prepare", "run_training"]
+__all__ = ["TrainJob", "check_data_paths", "launch", "one_line_error", "prepare", "run_training"]
+
+
+def one_line_error(e: BaseException) -> bool:
+    """Whether ``e`` is reported as one line (config, data and checkpoint errors, raised to be
+    read) rather than with its traceback (anything raised inside a user's component, see
+    ``registry.build``, unless it is one of vlframe's own error types or a missing file)."""
+    from vlframe.config import ConfigError
+    from vlframe.data.importers.common import DataFormatError
+    from vlframe.engine.checkpoint import CheckpointError
+
+    if getattr(e, "vlframe_component", None):
+        return isinstance(e, (ConfigError, DataFormatError, CheckpointError, FileNotFoundError))
+    return True
 
 
 def launch(config_path: str, overrides: Sequence[str] = (), *, work_dir: str | None = None,

@@ -1,9 +1,8 @@
 """One training run, as a local call or as the callable a SLURM job runs.
 
-``run_training`` is the one path every launcher ends in. Before the trainer resumes (``resume:
-auto``) it drops the records of ``metrics.jsonl`` logged after the checkpoint it resumes from:
-those steps are trained again, so each step appears once in the log whatever was interrupted.
-After the last step rank 0 writes ``done.json`` (final metrics, ``max_steps``): a sweep treats a
+``run_training`` is the one path every launcher ends in. A resumed trainer drops the records of
+``metrics.jsonl`` logged after the checkpoint it resumes from (``vlframe.engine.resume``): those
+steps are trained again, so each step appears once in the log whatever was interrupted. After the last step rank 0 writes ``done.json`` (final metrics, ``max_steps``): a sweep treats a
 folder holding it, for the same ``max_steps``, as finished.
 
 ``TrainJob`` follows submitit's checkpointing protocol: on preemption or time-out submitit calls
@@ -26,7 +25,7 @@ from vlframe.io import atomic_write
 log = logging.getLogger("vlframe")
 
 DONE_FILE = "done.json"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # what the trainer logs into the run folder
 
 
 def read_done(work_dir: str) -> dict | None:
@@ -37,29 +36,11 @@ def read_done(work_dir: str) -> dict | None:
         return json.load(f)
 
 
-def drop_logs_after(work_dir: str, step: int) -> int:
-    """Rewrite ``metrics.jsonl`` without the records of steps after ``step``; returns how many went."""
-    path = os.path.join(work_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if int(json.loads(line)["step"]) <= step]
-    if len(keep) != len(lines):
-        atomic_write(path, lambda f: f.writelines(keep), binary=False)
-        log.info("%s: dropped %d records after step %d (trained again now)", path, len(lines) - len(keep), step)
-    return len(lines) - len(keep)
-
-
 def run_training(cfg: DictConfig, work_dir: str) -> dict[str, float]:
     """Train ``cfg`` into ``work_dir``; returns the last validation metrics."""
     from vlframe.engine import distributed as D
     from vlframe.engine.trainer import Trainer
 
-    # Before the process group exists: the launcher's RANK says who is rank 0.
-    if str(cfg.train.resume) == "auto" and int(os.environ.get("RANK", "0")) == 0:
-        found = ckpt.newest_good(os.path.join(work_dir, "checkpoints"))
-        drop_logs_after(work_dir, int(found[1]["step"]) if found else 0)
     metrics = Trainer(cfg, work_dir=work_dir).train()
     if D.is_main():
         record = {"max_steps": int(cfg.train.max_steps), "metrics": metrics}

@@ -36,16 +36,24 @@ def check_data_paths(cfg: DictConfig | Mapping[str, Any]) -> None:
             for path in _paths_of(node.get(key)):
                 if not os.path.exists(path):
                     raise ConfigError(f"data.{split}.{key}: not found on this host: {os.path.abspath(path)}")
-    train = data.get("train") or {}
-    if train.get("init_from") and not os.path.isfile(train["init_from"]):
-        raise ConfigError(f"train.init_from: checkpoint not found: {os.path.abspath(train['init_from'])}")
-    resume = str(train.get("resume", "auto"))
-    if resume not in ("auto", "never", "none", "") and not os.path.isfile(resume):
-        raise ConfigError(f"train.resume: checkpoint not found: {os.path.abspath(resume)}")
+
+
+def check_weight_paths(cfg: DictConfig) -> None:
+    """Every weights file the config names (``train.init_from``, ``model.pretrained``, an explicit
+    ``train.resume``) exists and reads as weights; a CheckpointError names the key and the file."""
+    from vlframe.engine import checkpoint as ckpt
+    from vlframe.engine.resume import check_weight_files
+
+    check_weight_files(cfg)
+    resume = str(cfg.train.resume)
+    if resume not in ("auto", "never", "none", ""):
+        ckpt.check_file(resume, what="train.resume")
 
 
 def prepare(config_path: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
-    """The validated config (schema defaults filled in) with its input paths checked."""
+    """The validated config (schema defaults filled in) with its weights files, then its data
+    paths, checked (weights first: they are read before the data)."""
     cfg = load_and_validate(config_path, list(overrides))
+    check_weight_paths(cfg)
     check_data_paths(cfg)
     return cfg

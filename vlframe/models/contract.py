@@ -37,6 +37,7 @@ class VLEncoderSpec:
     pooled_dim: int  # width of ``pooled``
     vocab_size: int  # rows of the word embedding
     feat_dim: int  # region feature size the model reads (the region store's)
+    max_text_positions: int | None = None  # longest text (with [CLS]/[SEP]) it embeds; None = no limit
 
 
 @dataclass

@@ -106,13 +106,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; name the file
-        # torch's message spans a page; keep the line that says what was refused.
-        msg = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e).strip()
-        msg = msg.splitlines()[0] if msg else type(e).__name__
-        raise ValueError(f"{path}: cannot read as a weights-only torch file: {msg}") from e
+    from vlframe.engine.checkpoint import load
+
+    obj = load(path)  # weights_only; a CheckpointError (ValueError) names the file and the problem
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -501,6 +497,8 @@ def convert_file(
     """Convert the checkpoint file ``src`` into ``dst``; returns the input keys left out
     (only with ``strict=False``). ``source``/``target``: ``original`` -> ``vlframe``,
     ``vlframe`` -> ``original`` or ``bert`` -> ``vlframe``."""
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: is the input; refusing to write over it (give another output path)")
     route = (source, target)
     if route not in {("original", "vlframe"), ("vlframe", "original"), ("bert", "vlframe")}:
         raise ValueError(

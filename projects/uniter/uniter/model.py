@@ -78,7 +78,8 @@ class UniterModel(VLEncoder):
     ):
         super().__init__()
         self.spec = VLEncoderSpec(
-            text_dim=hidden_size, region_dim=hidden_size, pooled_dim=hidden_size, vocab_size=vocab_size, feat_dim=img_dim
+            text_dim=hidden_size, region_dim=hidden_size, pooled_dim=hidden_size, vocab_size=vocab_size, feat_dim=img_dim,
+            max_text_positions=max_positions,
         )
         self.text_embed = TextEmbedder(
             vocab_size=vocab_size, hidden_size=hidden_size, max_positions=max_positions, dropout=hidden_dropout

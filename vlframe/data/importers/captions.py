@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlframe.data.importers.common import (DataFormatError, ImportReport, TextEncoder, add_common_args,
-                                           encoder_from_args, read_json, region_store_ids, require)
+                                           check_max_text_len, count_too_long, encoder_from_args, read_json,
+                                           region_store_ids, require)
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 IMG_ID_PRESETS = {"cocoid": "{cocoid}", "imgid": "{imgid}", "filename": "{filename}", "stem": "{stem}",
@@ -62,7 +63,7 @@ def read_karpathy(path: str | os.PathLike, *, img_id: str | None = None, report:
     """
     path = os.fspath(path)
     report = report or ImportReport(os.path.basename(path))
-    data = read_json(path)
+    data = read_json(path, report)
     if not isinstance(data, dict):
         raise DataFormatError(path, "top level", f"expected an object with 'images', got {type(data).__name__}",
                               reason="top level is not an object")
@@ -159,7 +160,8 @@ def import_karpathy(path: str | os.PathLike, out: str | os.PathLike, *, splits: 
                 parse_report.skip("caption of an image without features", n=n_caps)
         captions = [c for c in captions if c.img_id in have]
 
-    encoder = encoder or TextEncoder(max_len=max_text_len)
+    check_max_text_len(max_text_len)
+    encoder = encoder or TextEncoder()
     store_kwargs = encoder.store_kwargs()
     reports: dict[str, ImportReport] = {}
     for split in wanted:
@@ -174,6 +176,7 @@ def import_karpathy(path: str | os.PathLike, out: str | os.PathLike, *, splits: 
                     report.bad(DataFormatError(path, f"sentid {c.txt_id} (image {c.img_id!r})", str(e),
                                                reason="refused by the store"))
                     continue
+                count_too_long(report, ids, max_text_len)
                 report.wrote()
         reports[split] = report
     # Problems met while parsing belong to no single split: report them under their own name.
@@ -201,7 +204,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, ImportReport]:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     reports = import_karpathy(args.input, args.out, splits=splits, restval_into_train=args.restval_into_train,
                               img_id=args.img_id, region_store=args.region_store, encoder=encoder_from_args(args),
-                              skip_bad=args.skip_bad, overwrite=args.overwrite)
+                              max_text_len=args.max_text_len, skip_bad=args.skip_bad, overwrite=args.overwrite)
     for r in reports.values():
         print(r.summary())
     return reports

@@ -43,14 +43,17 @@ import pickle
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vlframe.data.importers.common import (
+    TOO_LONG,
     DataFormatError,
     ImportReport,
     TextEncoder,
     add_common_args,
+    check_max_text_len,
+    count_too_long,
     iter_jsonl,
     read_json,
     region_store_ids,
@@ -64,28 +67,9 @@ VCR_PERSON_NAMES = (
     "Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
     "Skyler", "Frankie", "Pat", "Quinn", "Morgan", "Jordan", "Taylor", "Alex", "Robin", "Sam",
 )
-TOO_LONG = "text longer than max_text_len (kept whole)"
 
 
-@dataclass
-class TaskImportReport(ImportReport):
-    """:class:`ImportReport` plus counts of records that were written but deserve a note."""
-
-    noted: Counter = field(default_factory=Counter)
-
-    def note(self, reason: str, n: int = 1) -> None:
-        self.noted[reason] += n
-
-    def summary(self) -> str:
-        lines = [super().summary()]
-        for reason, n in sorted(self.noted.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  kept {n}: {reason}")
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = super().as_dict()
-        d["noted"] = dict(self.noted)
-        return d
+TaskImportReport = ImportReport  # the shared report (with its notes), under the name tasks' importers return
 
 
 @dataclass
@@ -146,10 +130,7 @@ def _check_out(out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def _encoder(tokenizer: Any) -> TextEncoder:
-    # Texts are never cut here: the dataset truncates at read time and counts what it cut.
     if isinstance(tokenizer, TextEncoder):
-        if tokenizer.max_len:
-            raise ValueError("tokenizer: pass a TextEncoder without max_len; too-long texts are kept and counted")
         return tokenizer
     return TextEncoder(tokenizer)
 
@@ -204,8 +185,7 @@ def _write(items: list[_Item], *, out: str | os.PathLike, encoder: TextEncoder, 
 
     with TextStoreWriter(os.fspath(out), **encoder.store_kwargs(), overwrite=overwrite) as writer:
         for it in items:
-            if max_text_len is not None and len(it.token_ids) > max_text_len:
-                report.note(TOO_LONG)
+            count_too_long(report, it.token_ids, max_text_len)
             writer.add(it.txt_id, token_ids=it.token_ids, img_id=it.img_ids[0] if it.img_ids else None,
                        raw=it.raw, extra=it.extra)
             report.wrote()
@@ -238,8 +218,7 @@ def _list_field(container: Any, name: str, source: str) -> list:
 
 def _run(items: Iterable[_Item], report: TaskImportReport, *, out, tokenizer, max_text_len, region_store,
          overwrite) -> TaskImportReport:
-    if max_text_len is not None and max_text_len < 1:
-        raise ValueError(f"max_text_len must be >= 1, got {max_text_len}")
+    check_max_text_len(max_text_len)
     encoder = _encoder(tokenizer)
     region = _region_ids(region_store)
     # Everything is checked before the store is opened: a strict import that fails writes nothing.
@@ -262,7 +241,7 @@ def read_vqa_vocab_source(annotation_files: Sequence[str | os.PathLike], report:
     answers = []
     for path in annotation_files:
         src = os.fspath(path)
-        for i, ann in enumerate(_list_field(read_json(src), "annotations", src)):
+        for i, ann in enumerate(_list_field(read_json(src, report), "annotations", src)):
             try:
                 answers.append(require(ann, "multiple_choice_answer", str, src, f"record {i}"))
             except DataFormatError as err:
@@ -321,7 +300,7 @@ def import_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | No
     _check_out(out, overwrite)
     fmt = _ImgIdFormat(img_id_format, VQA_IMG_FIELDS)
     qsrc = os.fspath(questions)
-    qdata = read_json(qsrc)
+    qdata = read_json(qsrc, report)
     qlist = _list_field(qdata, "questions", qsrc)
     subtype = qdata.get("data_subtype")  # absent -> an img_id_format that uses it fails, naming the record
 
@@ -341,7 +320,7 @@ def import_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | No
     if annotations is not None:
         asrc = os.fspath(annotations)
         anns = {}
-        for i, ann in enumerate(_list_field(read_json(asrc), "annotations", asrc)):
+        for i, ann in enumerate(_list_field(read_json(asrc, report), "annotations", asrc)):
             try:
                 image_id, extra = _vqa_annotation(ann, asrc, f"record {i}", ans2label)
                 qid = extra["question_id"]
@@ -536,7 +515,7 @@ def import_refcoco(refs: str | os.PathLike, instances: str | os.PathLike, *, out
     ref_list = load_plain_pickle(rsrc)
     if not isinstance(ref_list, list):
         raise DataFormatError(rsrc, None, f"expected a list of refs, got {type(ref_list).__name__}", reason="wrong top-level type")
-    inst = read_json(isrc)
+    inst = read_json(isrc, report)
 
     images: dict[int, tuple[float, float, str]] = {}
     for i, im in enumerate(_list_field(inst, "images", isrc)):
@@ -740,12 +719,7 @@ def import_vcr(jsonl: str | os.PathLike, *, out: str | os.PathLike, ref_style: s
 
 
 def _add_args(p: argparse.ArgumentParser, *, img_default: str, fields: Sequence[str]) -> None:
-    add_common_args(p, text=False)
-    # Our own --max-text-len: texts are kept whole and counted, not cut (see the module doc).
-    p.add_argument("--max-text-len", type=int, default=None,
-                   help="count texts longer than this many wordpieces (kept whole; the dataset cuts at read time)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder or vocab.txt (default: the bundled bert-base-uncased vocabulary)")
+    add_common_args(p, text=True)
     p.add_argument("--region-store", default=None, help="region store whose image ids every record must name")
     p.add_argument("--img-id-format", default=img_default,
                    help=f"image id template (str.format) over the fields: {', '.join(fields)} (default {img_default!r})")

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from vlframe.data.importers.common import (DataFormatError, ImportReport, TextEncoder, add_common_args, unpack_msgpack_map,
-                                           encoder_from_args, read_json, require)
+from vlframe.data.importers.common import (DataFormatError, ImportReport, TextEncoder, add_common_args,
+                                           check_max_text_len, count_too_long, encoder_from_args, read_json, require,
+                                           unpack_msgpack_map)
 
 SIDE_FILES = ("id2len.json", "txt2img.json", "img2txts.json", "meta.json")
 
@@ -138,8 +139,9 @@ def import_uniter_txt_db(db_dir: str | os.PathLike, out: str | os.PathLike, *, r
     db_dir = os.fspath(db_dir)
     report = ImportReport(db_dir, skip_bad=skip_bad)
     meta = read_meta(db_dir)
+    check_max_text_len(max_text_len)
     if retokenize:
-        encoder = encoder or TextEncoder(max_len=max_text_len)
+        encoder = encoder or TextEncoder()
         store_kwargs = encoder.store_kwargs()
     else:
         store_kwargs = {
@@ -174,7 +176,7 @@ def import_uniter_txt_db(db_dir: str | os.PathLike, out: str | os.PathLike, *, r
         records = kept
         new_ids = encoder.encode_many([r.raw for r in records])
     else:
-        new_ids = [r.input_ids[:max_text_len] if max_text_len else r.input_ids for r in records]
+        new_ids = [r.input_ids for r in records]
 
     with TextStoreWriter(os.fspath(out), overwrite=overwrite, **store_kwargs) as w:
         for r, ids in zip(records, new_ids):
@@ -193,6 +195,7 @@ def import_uniter_txt_db(db_dir: str | os.PathLike, out: str | os.PathLike, *, r
             except ValueError as e:
                 report.bad(DataFormatError(db_dir, where, str(e), reason="refused by the store"))
                 continue
+            count_too_long(report, ids, max_text_len)
             report.wrote()
     return report
 
