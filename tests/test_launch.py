@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 
 import pytest
@@ -166,8 +167,8 @@ def test_resumed_run_logs_each_step_once(tmp_path, synth_cache):
     overrides = _tiny(synth_cache, 6, "train.ckpt_interval=3", "train.keep_ckpts=3")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_training(prepare(DEMO, overrides), str(ref))
-    run_training(prepare(DEMO, overrides), str(cut))
-    os.unlink(cut / "checkpoints" / "ckpt_0000006.pt")  # as if it died after logging step 6, before saving it
+    shutil.copytree(ref, cut)  # the same run, then as if it died after logging step 6, before saving it
+    os.unlink(cut / "checkpoints" / "ckpt_0000006.pt")
     (cut / "done.json").unlink()
     run_training(prepare(DEMO, overrides), str(cut))
 
