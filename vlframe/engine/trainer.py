@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vlframe import io as vio
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
@@ -139,6 +140,8 @@ class Trainer:
         self.val_set = build(cfg.data.val, DATASETS, where="data.val") if cfg.data.get("val") else None
         info = DataInfo.from_dataset(self.train_set)
         self.model = build(cfg.model, MODELS, where="model")
+        if getattr(self.model, "init_report", None) is not None:  # e.g. model.pretrained
+            self._report_init(self.model.init_report)
         if self.model.img_dim != info.feat_dim:
             raise ValueError(
                 f"model.img_dim={self.model.img_dim} but the region store of data.train has feat_dim={info.feat_dim}"
@@ -340,12 +343,34 @@ class Trainer:
         return os.path.join(self.ckpt_dir, f"ckpt_{self.step:07d}.pt")
 
     def _init_weights(self, path: str) -> None:
-        """Start from another run's weights (``train.init_from``): model and any task heads whose
-        names match; the rest keep their fresh initialisation (logged)."""
-        state = ckpt.load(path)
+        """Start from other weights (``train.init_from``): a vlframe checkpoint or exported
+        ``.safetensors`` (model and any task heads whose names match), else any file the model's
+        own ``load_pretrained`` reads (e.g. a BERT checkpoint); the rest keep their fresh init."""
+        state = None if vio.isdir(path) else ckpt.load(path)
         weights = state["model"] if isinstance(state, dict) and "model" in state else state
-        missing, unexpected = self.module.load_state_dict(weights, strict=False)
-        log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
+        if isinstance(weights, dict) and any(k.startswith(("model.", "tasks.")) for k in weights):
+            report = ckpt.load_weights(self.module, weights, source=path)
+        elif callable(getattr(self.model, "load_pretrained", None)):
+            report = self.model.load_pretrained(path)
+        else:
+            raise ValueError(
+                f"train.init_from: {path} is not a vlframe checkpoint (no model.* keys) and "
+                f"{type(self.model).__name__} has no load_pretrained(path) to read it"
+            )
+        if not report.copied:
+            raise ValueError(f"train.init_from: {path}: no key matches the model ({len(report.unused)} unused keys)")
+        self._report_init(report)
+
+    def _report_init(self, report: ckpt.WeightsReport) -> None:
+        """Print the initialisation report, log its summary and keep it in the run folder."""
+        if not D.is_main():
+            return
+        text = report.format()
+        print(text, flush=True)
+        log.info(text.splitlines()[0])
+        os.makedirs(self.work_dir, exist_ok=True)
+        with open(os.path.join(self.work_dir, "init_report.txt"), "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
     def _resume(self, resume: str) -> None:
         init_from = self.cfg.train.get("init_from")
