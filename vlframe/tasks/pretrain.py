@@ -191,6 +191,14 @@ def wra_distances(out, solver) -> torch.Tensor:
     return wra_distance(solver, out.text, out.regions, out.text_mask, out.region_mask)
 
 
+def log_marginal_error(logs: dict, solver) -> None:
+    """The solver's marginal error on the last plan into the task's logs (a solver that
+    converges slowly, e.g. Sinkhorn at small epsilon, shows here; see vlframe.ot.base)."""
+    err = getattr(solver, "last_marginal_error", None)
+    if err is not None:
+        logs["ot_marginal_err"] = float(err)
+
+
 class PairTask(Task):
     """Makes mismatched pairs: with probability ``neg_prob`` an example's image (``side='image'``),
     its text (``'text'``) or either (``'both'``) is replaced by one from another image."""
@@ -278,6 +286,7 @@ class ITMTask(PairTask):
             ot_loss = (pos.sum() - neg.sum()) / target.numel()
             loss = ce + self.wra_weight * ot_loss
             logs["ot_loss"] = ot_loss.item()
+            log_marginal_error(logs, self.solver)
             outputs.update(ot_pos=pos, ot_neg=neg)
         logs["loss"] = loss.item()
         return TaskOutput(loss, logs, outputs)
@@ -326,7 +335,9 @@ class WRATask(PairTask):
         target = batch.targets["itm"]
         pos, neg = d[target == 1], d[target == 0]
         loss = (pos.mean() if pos.numel() else d.new_zeros(())) - (neg.mean() if neg.numel() else d.new_zeros(()))
-        return TaskOutput(loss, {"loss": loss.item()}, {"ot_pos": pos, "ot_neg": neg})
+        logs = {"loss": loss.item()}
+        log_marginal_error(logs, self.solver)
+        return TaskOutput(loss, logs, {"ot_pos": pos, "ot_neg": neg})
 
     @torch.no_grad()
     def evaluate(self, model, batch):
