@@ -3,7 +3,9 @@
 Reading: ``open_path`` / ``local_path`` / ``exists`` / ``isfile`` / ``isdir`` accept local paths
 and any URI a registered handler serves (``http://`` and ``https://`` out of the box, through
 iopath's ``HTTPURLHandler``, which downloads once into ``cache_dir()``). A user registers more
-(e.g. an S3 handler) with ``path_manager().register_handler(...)``.
+(e.g. an S3 handler) with ``path_manager().register_handler(...)``. iopath's HTTP handler keeps
+a downloaded file for good (keyed by the URL's path): a changed remote file needs a new URL or
+clearing ``cache_dir()``.
 
 Writing: ``atomic_write`` writes a temp file beside the final path, fsyncs and renames it. For a
 destination that is not a local path, the file is written locally first (same guarantees), then
@@ -18,7 +20,7 @@ from typing import IO
 
 from iopath.common.file_io import HTTPURLHandler, PathManager
 
-__all__ = ["atomic_write", "cache_dir", "exists", "is_local", "isdir", "isfile", "local_path", "open_path", "path_manager"]
+__all__ = ["atomic_write", "cache_dir", "is_local", "isdir", "isfile", "local_path", "open_path", "path_manager"]
 
 _PM: PathManager | None = None
 
@@ -58,22 +60,36 @@ def local_path(path: str | os.PathLike) -> str:
 
 
 def open_path(path: str | os.PathLike, mode: str = "r", **kwargs) -> IO:
-    """``open`` through the path manager (``encoding="utf-8"`` by default in text mode)."""
+    """Open ``path`` for reading (a remote one from its local copy; ``encoding="utf-8"`` by
+    default in text mode)."""
+    if any(c in mode for c in "wax+"):
+        raise ValueError(f"open_path reads only (mode {mode!r}); write with atomic_write")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
-    return path_manager().open(os.fspath(path), mode, **kwargs)
-
-
-def exists(path: str | os.PathLike) -> bool:
-    return os.path.exists(path) if is_local(path) else bool(path_manager().exists(os.fspath(path)))
+    return open(local_path(path), mode, **kwargs)
 
 
 def isfile(path: str | os.PathLike) -> bool:
-    return os.path.isfile(path) if is_local(path) else bool(path_manager().isfile(os.fspath(path)))
+    """Whether ``path`` is a file. For a handler that cannot tell (HTTP), whether it downloads."""
+    if is_local(path):
+        return os.path.isfile(local_path(path))
+    try:
+        return bool(path_manager().isfile(os.fspath(path)))
+    except NotImplementedError:
+        try:
+            return os.path.isfile(local_path(path))
+        except FileNotFoundError:
+            return False
 
 
 def isdir(path: str | os.PathLike) -> bool:
-    return os.path.isdir(path) if is_local(path) else bool(path_manager().isdir(os.fspath(path)))
+    """Whether ``path`` is a folder (False where the handler has no folders, e.g. HTTP)."""
+    if is_local(path):
+        return os.path.isdir(local_path(path))
+    try:
+        return bool(path_manager().isdir(os.fspath(path)))
+    except NotImplementedError:
+        return False
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
