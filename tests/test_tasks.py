@@ -98,3 +98,23 @@ def test_wra_inside_itm_follows_the_original_formula(world):
     assert pos.numel() + neg.numel() == batch.size and pos.numel() and neg.numel()
     expected = float(out.logs["ce"]) + 0.1 * float((pos.sum() - neg.sum()).detach() / batch.size)
     assert abs(out.loss.item() - expected) < 1e-5
+
+
+@pytest.mark.parametrize("task_type", ["itm", "wra"])
+def test_wra_logs_the_solvers_marginal_error(task_type, world):
+    """The marginal error of the plan WRA used is in the task's logs, measured on that plan."""
+    from vlframe.ot import cosine_cost
+
+    ds, model, info = world
+    cfg = {"type": task_type, "ot_solver": {"type": "sinkhorn", "epsilon": 1e-3, "iterations": 20, "tol": None}}
+    if task_type == "itm":
+        cfg["wra_weight"] = 0.1
+    task = _task(cfg, world)
+    batch = task.collate(_examples(ds), generator=torch.Generator().manual_seed(4), dataset=ds)
+    logs = task(model, batch).logs
+    out = model(batch)
+    cost = cosine_cost(out.text, out.regions, out.text_mask, out.region_mask)
+    plan = task.solver(cost, out.text_mask, out.region_mask)
+    rows = (plan.sum(2) - 1 / out.text_mask.sum(1, keepdim=True)).abs() * out.text_mask
+    assert logs["ot_marginal_err"] == pytest.approx(float(rows.max()), rel=1e-4)
+    assert logs["ot_marginal_err"] > 1e-3  # 20 unchecked iterations at epsilon 1e-3 are far from converged

@@ -41,12 +41,38 @@ def test_parameter_count_matches_paper(size, kwargs, expected):
         assert _fvcore_count(m, "") == 109_898_752 - 2048
 
 
+def _minilm_reference():
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(minilm_dir(), local_files_only=True, attn_implementation="eager").eval()
+
+
+def _assert_text_path_equals_bert(ours: UniterModel, ref) -> None:
+    tok = build_tokenizer()
+    enc = tok(
+        ["a small red dog to the left of a blue car.", "two cups.", "there is a large green bus above a yellow ball"],
+        padding=True,
+        return_tensors="pt",
+    )
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    d = ours.spec.feat_dim
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=enc["attention_mask"])
+        empty = torch.zeros(ids.shape[0], 0, d)
+        o = ours.eval().encode(ids, mask, empty, torch.zeros(ids.shape[0], 0, 7), torch.zeros(ids.shape[0], 0, dtype=torch.bool))
+    diff = (o.text - r.last_hidden_state)[mask].abs().max().item()
+    assert diff < 1e-5, diff
+    assert (o.pooled - r.pooler_output).abs().max().item() < 1e-5
+    # The weights really came from the checkpoint (not a coincidence of two random inits).
+    assert torch.equal(ours.tie_targets()["word_embeddings"].weight, ref.embeddings.word_embeddings.weight)
+
+
 def test_text_path_equals_bert():
     """MiniLM (a real 6-layer BERT) loaded into UNITER's text embedder + encoder + pooler."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
 
     torch.manual_seed(0)
-    ref = BertModel.from_pretrained(minilm_dir(), local_files_only=True, attn_implementation="eager").eval()
+    ref = _minilm_reference()
     cfg: BertConfig = ref.config
     ours = UniterModel(
         vocab_size=cfg.vocab_size,
@@ -57,22 +83,53 @@ def test_text_path_equals_bert():
         img_dim=16,
         pretrained=minilm_dir(),
     ).eval()
-    tok = build_tokenizer()
-    enc = tok(
-        ["a small red dog to the left of a blue car.", "two cups.", "there is a large green bus above a yellow ball"],
-        padding=True,
-        return_tensors="pt",
-    )
-    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-    with torch.no_grad():
-        r = ref(input_ids=ids, attention_mask=enc["attention_mask"])
-        empty = torch.zeros(ids.shape[0], 0, 16)
-        o = ours.encode(ids, mask, empty, torch.zeros(ids.shape[0], 0, 7), torch.zeros(ids.shape[0], 0, dtype=torch.bool))
-    diff = (o.text - r.last_hidden_state)[mask].abs().max().item()
-    assert diff < 1e-5, diff
-    assert (o.pooled - r.pooler_output).abs().max().item() < 1e-5
-    # The weights really came from the checkpoint (not a coincidence of two random inits).
-    assert torch.equal(ours.tie_targets()["word_embeddings"].weight, ref.embeddings.word_embeddings.weight)
+    _assert_text_path_equals_bert(ours, ref)
+    # The report: the whole text side and encoder copied, exactly the image side fresh.
+    report = ours.init_report
+    assert len(report.copied) == len(ref.state_dict()) - sum(k.endswith("position_ids") for k in ref.state_dict())
+    assert {"text_embed.word.weight", "type_embed.weight", "encoder.layers.5.ffn_norm.bias", "pooler.weight"} <= set(report.copied)
+    assert report.initialised and all(k.startswith("img_embed.") for k in report.initialised)
+    assert report.unused == []
+    assert "newly initialised: img_embed.feat_proj.weight" in report.format()
+
+
+def test_pretrained_of_another_hidden_size_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"model: embeddings\.LayerNorm\.bias \(-> text_embed\.norm\.bias\): "
+                       r"checkpoint shape \(384,\) != model shape \(128,\)$"):
+        UniterModel(hidden_size=128, num_layers=6, num_heads=4, intermediate_size=512, img_dim=16, pretrained=minilm_dir())
+
+
+MINILM_SIZE = ["model.hidden_size=384", "model.num_layers=6", "model.num_heads=12", "model.intermediate_size=1536"]
+
+
+@pytest.mark.slow
+def test_trainer_init_from_bert_checkpoint(synth_cache, tmp_path, capsys):
+    """``train.init_from`` with a BERT checkpoint in transformers' layout (the L2 setting): the
+    trainer reaches it through the model's load_pretrained, prints and keeps the report."""
+    from tests.conftest import tiny_overrides
+    from vlframe.config import load_and_validate
+    from vlframe.engine.trainer import Trainer
+
+    over = tiny_overrides(synth_cache) + MINILM_SIZE + [
+        "train.max_steps=0", "data.val=null", f"train.init_from={minilm_dir()}"]
+    trainer = Trainer(load_and_validate("configs/uniter/pretrain_tiny_synth.yaml", over), work_dir=str(tmp_path))
+    trainer.train()
+    _assert_text_path_equals_bert(trainer.model, _minilm_reference())
+    printed = capsys.readouterr().out
+    assert "newly initialised: img_embed.feat_proj.weight" in printed and " 0 unused" in printed
+    assert printed.splitlines()[0] in (tmp_path / "init_report.txt").read_text()
+
+
+def test_trainer_init_from_refuses_another_hidden_size(synth_cache, tmp_path):
+    from tests.conftest import tiny_overrides
+    from vlframe.config import load_and_validate
+    from vlframe.engine.trainer import Trainer
+
+    over = tiny_overrides(synth_cache) + ["train.max_steps=0", f"train.init_from={minilm_dir()}"]
+    trainer = Trainer(load_and_validate("configs/uniter/pretrain_tiny_synth.yaml", over), work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"embeddings\.LayerNorm\.bias \(-> text_embed\.norm\.bias\): "
+                       r"checkpoint shape \(384,\) != model shape \(32,\)"):
+        trainer.train()
 
 
 def _random_inputs(seed=0, b=4, t=9, k=7, d=24):

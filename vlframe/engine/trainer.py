@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vlframe.config import ConfigError
+from vlframe import io as vio
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream
@@ -193,6 +193,8 @@ class Trainer:
         if not isinstance(self.model, VLEncoder):
             raise TypeError(f"model: {type(self.model).__name__} does not implement vlframe.models.VLEncoder")
         check_text_positions(self.model, {"data.train": self.train_set, "data.val": self.val_set})
+        if self.model.init_report is not None:  # the model read model.pretrained
+            self._report_init(self.model.init_report)
         if self.model.spec.feat_dim != info.feat_dim:
             raise ValueError(
                 f"model: reads region features of size {self.model.spec.feat_dim}, but the region store of "
@@ -475,12 +477,29 @@ class Trainer:
         return os.path.join(self.ckpt_dir, f"ckpt_{self.step:07d}.pt")
 
     def _init_weights(self, path: str) -> None:
-        """Start from another run's weights (``train.init_from``): model and any task heads whose
-        names match; the rest keep their fresh initialisation (logged)."""
-        state = ckpt.load(path)
+        """Start from other weights (``train.init_from``): a vlframe checkpoint or exported
+        ``.safetensors`` (model and any task heads whose names match), else any file the model's
+        own ``load_pretrained`` reads (e.g. a BERT checkpoint); the rest keep their fresh init."""
+        state = None if vio.isdir(path) else ckpt.load(path)
         weights = state["model"] if isinstance(state, dict) and "model" in state else state
-        missing, unexpected = self.module.load_state_dict(weights, strict=False)
-        log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
+        if isinstance(weights, dict) and any(k.startswith(("model.", "tasks.")) for k in weights):
+            report = ckpt.load_weights(self.module, weights, source=path)
+        else:  # e.g. a BERT checkpoint: the model knows its layout (VLEncoder.load_pretrained)
+            report = self.model.load_pretrained(path)
+        if not report.copied:
+            raise ValueError(f"train.init_from: {path}: no key matches the model ({len(report.unused)} unused keys)")
+        self._report_init(report)
+
+    def _report_init(self, report: ckpt.WeightsReport) -> None:
+        """Print the initialisation report, log its summary and keep it in the run folder."""
+        if not D.is_main():
+            return
+        text = report.format()
+        print(text, flush=True)
+        log.info(text.splitlines()[0])
+        os.makedirs(self.work_dir, exist_ok=True)
+        with open(os.path.join(self.work_dir, "init_report.txt"), "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
     def _resume(self, resume: str) -> None:
         """Carry out the start decided in __init__ (``resume.plan_start``): resume or init."""

@@ -56,6 +56,16 @@ class VLEncoder(nn.Module):
     ``forward(batch) -> VLEncoderOutput`` and ``tie_targets()``."""
 
     spec: VLEncoderSpec
+    #: what reading ``model.pretrained`` did (a ``vlframe.engine.checkpoint.WeightsReport``), if it did
+    init_report = None
 
     def tie_targets(self) -> dict[str, nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must define tie_targets()")  # abstract
+
+    def load_pretrained(self, path: str):
+        """Copy weights of a foreign layout (e.g. a BERT checkpoint) into this model; returns a
+        ``WeightsReport``. vlframe's own checkpoints never come here (the trainer reads them)."""
+        raise ValueError(
+            f"{path}: not a vlframe checkpoint (no model.* keys), and {type(self).__name__} reads no other layout "
+            f"(it defines no load_pretrained)"
+        )

@@ -6,6 +6,8 @@ checkpoints load into it by renaming keys. Padding is a boolean key mask: padded
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,15 +26,29 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
+        self.weights_sink: list[torch.Tensor] | None = None  # set by attention_weights() only
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, n, h = x.shape
         split = lambda t: t.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.weights_sink is not None:
+            y = self._explicit(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(y.transpose(1, 2).reshape(b, n, h))
+
+    def _explicit(self, q, k, v, attn_mask):
+        """softmax(q k^T / sqrt(d)) v written out, keeping the weights (visualisation only: the
+        training path is SDPA's fused kernel, which never forms them)."""
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        w = scores.softmax(-1)
+        self.weights_sink.append(w.detach())
+        return F.dropout(w, self.dropout, self.training) @ v
 
 
 class TransformerLayer(nn.Module):
@@ -98,6 +114,26 @@ class TransformerEncoder(nn.Module):
             else:
                 x = layer(x, attn_mask)
         return x
+
+
+@contextlib.contextmanager
+def attention_weights(module: nn.Module):
+    """Within the block, every ``SelfAttention`` under ``module`` runs the explicit path and
+    appends its weights [B, heads, L, L] to the yielded list, in the order the layers run::
+
+        with attention_weights(model) as maps:
+            model(batch)
+        # maps[i]: layer i (padded keys get weight 0)
+    """
+    layers = [m for m in module.modules() if isinstance(m, SelfAttention)]
+    maps: list[torch.Tensor] = []
+    for m in layers:
+        m.weights_sink = maps
+    try:
+        yield maps
+    finally:
+        for m in layers:
+            m.weights_sink = None
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

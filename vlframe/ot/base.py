@@ -17,7 +17,7 @@ import torch
 
 from vlframe.ot.cost import check_problem
 
-__all__ = ["OTSolver", "round_to_marginals"]
+__all__ = ["OTSolver", "marginal_error", "round_to_marginals"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -26,14 +26,22 @@ class OTSolver(ABC):
     """Base class: validates the problem, then hands the cost and bool masks to ``_solve`` (fp32 inside)."""
 
     name = "ot_solver"
+    #: 0-d tensor: the largest marginal error of the last plan (see :func:`marginal_error`);
+    #: a tensor, so reading it is the caller's choice of when to synchronise with the device
+    last_marginal_error: torch.Tensor | None = None
 
     def __call__(
         self, cost: torch.Tensor, mask_a: torch.Tensor | None = None, mask_b: torch.Tensor | None = None
     ) -> torch.Tensor:
         mask_a, mask_b = check_problem(cost, mask_a, mask_b, self.name)
+        if cost.numel() == 0:  # B = 0, N = 0 or M = 0: nothing to transport
+            self.last_marginal_error = torch.zeros((), device=cost.device)
+            return torch.zeros(cost.shape, dtype=torch.float32, device=cost.device)
         # the solvers compute in fp32 by design; autocast would move their products to half
         with torch.autocast(device_type=cost.device.type, enabled=False):
-            return self._solve(cost, mask_a, mask_b)
+            plan = self._solve(cost, mask_a, mask_b)
+        self.last_marginal_error = marginal_error(plan, mask_a, mask_b)
+        return plan
 
     @abstractmethod
     def _solve(self, cost: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
@@ -43,6 +51,19 @@ class OTSolver(ABC):
         keys = [k for k in inspect.signature(type(self).__init__).parameters if k != "self"]
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if hasattr(self, k))
         return f"{type(self).__name__}({args})"
+
+
+@torch.no_grad()
+def marginal_error(plan: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """Largest absolute deviation of the plan's row and column sums from the uniform marginals
+    (1/n_valid, 1/m_valid) over the valid entries of the batch, as a 0-d fp32 tensor."""
+    f32 = torch.float32
+    r = mask_a.to(f32) / mask_a.sum(1, keepdim=True).clamp_min(1)
+    c = mask_b.to(f32) / mask_b.sum(1, keepdim=True).clamp_min(1)
+    live = (mask_a.any(1) & mask_b.any(1)).unsqueeze(1)  # an empty side has an all-zero plan
+    rows = (plan.sum(2) - r).abs().masked_fill_(~(mask_a & live), 0.0)
+    cols = (plan.sum(1) - c).abs().masked_fill_(~(mask_b & live), 0.0)
+    return torch.maximum(rows.amax(), cols.amax()) if plan.numel() else plan.new_zeros(())
 
 
 @torch.no_grad()

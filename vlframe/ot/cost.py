@@ -61,7 +61,9 @@ def cosine_cost(
     my = _mask_or_all(mask_y, b, m, x.device, "cosine_cost: mask_y")
     # fp32 (also under autocast) so half-precision activations give the original's fp32 WRA cost
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _CosineCost.apply(x.float(), y.float(), mx.unsqueeze(2) & my.unsqueeze(1), float(eps))
+        # padded rows zeroed first: a NaN/inf there would reach valid gradients through the products
+        x, y = x.float().masked_fill(~mx.unsqueeze(2), 0.0), y.float().masked_fill(~my.unsqueeze(2), 0.0)
+        return _CosineCost.apply(x, y, mx.unsqueeze(2) & my.unsqueeze(1), float(eps))
 
 
 class _CosineCost(torch.autograd.Function):
@@ -113,7 +115,9 @@ def ot_distance(cost: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     if cost.shape != plan.shape:
         raise ValueError(f"ot_distance: cost {tuple(cost.shape)} and plan {tuple(plan.shape)} differ in shape")
     dtype = torch.promote_types(torch.promote_types(cost.dtype, plan.dtype), torch.float32)
-    return (cost.to(dtype) * plan.to(dtype)).sum((1, 2))
+    plan = plan.to(dtype)
+    # cells without mass add nothing, whatever their cost holds (NaN/inf on padding included)
+    return (cost.to(dtype).masked_fill(plan == 0, 0.0) * plan).sum((1, 2))
 
 
 def wra_distance(

@@ -192,6 +192,14 @@ class MRCKLTask(_RegionClassTask):
         return soft
 
 
+def log_marginal_error(logs: dict, solver) -> None:
+    """The solver's marginal error on the last plan into the task's logs (a solver that
+    converges slowly, e.g. Sinkhorn at small epsilon, shows here; see vlframe.ot.base)."""
+    err = getattr(solver, "last_marginal_error", None)
+    if err is not None:
+        logs["ot_marginal_err"] = torch.as_tensor(err).detach()  # a device tensor: read at the log interval
+
+
 class PairTask(Task):
     """Makes mismatched pairs: with probability ``neg_prob`` an example's image (``side='image'``),
     its text (``'text'``) or either (``'both'``) is replaced by one from another image."""
@@ -298,6 +306,7 @@ class ITMTask(PairTask):
             ot_loss = self.wra_loss(d, target)
             loss = ce + self.wra_weight * ot_loss
             logs["ot_loss"] = ot_loss.detach()
+            log_marginal_error(logs, self.solver)
             outputs["ot_distance"] = d
         logs["loss"] = loss.detach()
         return TaskOutput(loss, logs, outputs)
@@ -332,7 +341,9 @@ class WRATask(PairTask):
         d = _wra(self.solver, out)
         target = batch.targets["itm"]
         loss = self.loss_fn(d, target)
-        return TaskOutput(loss, {"loss": loss.detach()}, {"ot_distance": d, "target": target, "encoder": out})
+        logs = {"loss": loss.detach()}
+        log_marginal_error(logs, self.solver)
+        return TaskOutput(loss, logs, {"ot_distance": d, "target": target, "encoder": out})
 
     @torch.no_grad()
     def evaluate(self, model, batch):

@@ -18,6 +18,9 @@ from collections.abc import Mapping
 
 import torch
 
+from vlframe import io as vio
+from vlframe.engine.checkpoint import WeightsReport, save_safetensors
+
 # (original name, vlframe name) for the backbone, without the "uniter."/"bert." prefix; {i} is a
 # layer index and {qkv} one of query/key/value. Read left-to-right to import, right-to-left to export.
 _BACKBONE_RULES: list[tuple[str, str]] = [
@@ -95,20 +98,20 @@ def backbone_to_original(state: Mapping[str, torch.Tensor], *, prefix: str = "un
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors``, a transformers folder, or a torch file (weights only)."""
-    if os.path.isdir(path):
+    if vio.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, name)):
+            if vio.isfile(os.path.join(path, name)):
                 return read_state_dict(os.path.join(path, name))
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin inside")
-    if not os.path.isfile(path):
+    if not vio.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        return load_file(vio.local_path(path))
     from vlframe.engine.checkpoint import load
 
-    obj = load(path)  # weights_only; a CheckpointError (ValueError) names the file and the problem
+    obj = load(path)  # weights_only, through the path manager; a CheckpointError (ValueError) names the file
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -128,23 +131,41 @@ def detect_prefix(state: Mapping[str, torch.Tensor]) -> str:
     raise ValueError("not a BERT/UNITER checkpoint: no 'encoder.layer.0.*' key under any known prefix")
 
 
-def load_pretrained(model: torch.nn.Module, path: str, *, strict_backbone: bool = True) -> list[str]:
-    """Load BERT or original-UNITER backbone weights from ``path`` into a ``UniterModel``.
+def load_pretrained(model: torch.nn.Module, path: str) -> WeightsReport:
+    """Load backbone weights from ``path`` into a ``UniterModel``: a BERT checkpoint in
+    transformers' layout (folder, ``.safetensors`` or torch file; the L2 setting), an original
+    UNITER checkpoint, or a vlframe checkpoint / exported ``.safetensors`` (``model.*`` keys).
 
-    Returns the model keys left at their initial values (e.g. the image embedder when starting
-    from BERT). A shape mismatch is an error naming the key. The word table may be larger in the
-    checkpoint than in the model only if ``strict_backbone`` is False.
+    Returns the report: model keys copied, model keys left at their initial values (e.g. the
+    image embedder when starting from BERT) and checkpoint keys not used (as the file names
+    them). A shape mismatch is an error naming the key.
     """
     state = read_state_dict(path)
-    mapped = backbone_from_original(state, prefix=detect_prefix(state))
+    if any(k.startswith("model.encoder.layers.0.") for k in state):  # vlframe's own layout
+        mapped = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        origin = {k: "model." + k for k in mapped}
+    else:
+        prefix = detect_prefix(state)
+        mapped, origin = {}, {}
+        for key, value in state.items():
+            for new, v in backbone_from_original({key: value}, prefix=prefix).items():
+                mapped[new], origin[new] = v, key
     own = model.state_dict()
     for k, v in mapped.items():
         if k not in own:
-            raise KeyError(f"{path}: mapped key {k!r} does not exist in the model")
+            raise KeyError(f"{path}: {origin[k]} (-> {k}) does not exist in the model")
         if own[k].shape != v.shape:
-            raise ValueError(f"{path}: {k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+            raise ValueError(
+                f"{path}: {origin[k]} (-> {k}): checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}"
+            )
     model.load_state_dict(mapped, strict=False)
-    return sorted(set(own) - set(mapped))
+    used = set(origin.values())
+    return WeightsReport(
+        source=path,
+        copied=sorted(mapped),
+        initialised=sorted(set(own) - set(mapped)),
+        unused=sorted(k for k in state if k not in used and not _IGNORED.search(k)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,17 +486,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str, *, wrap_model:
     """Write ``state`` to ``path``: ``.safetensors`` (flat), else a torch file, as ``{"model":
     state}`` when ``wrap_model`` (vlframe's checkpoint layout, read by ``train.init_from``)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        # safetensors stores no aliasing: tied / shared tensors get their own copy.
-        seen: set[int] = set()
-        flat = {}
-        for k, v in state.items():
-            v = v.detach().contiguous()
-            ptr = v.untyped_storage().data_ptr()
-            flat[k] = v.clone() if ptr in seen else v
-            seen.add(ptr)
-        save_file(flat, path)
+        save_safetensors(state, path)
         return
     from vlframe.engine.checkpoint import atomic_save
 

@@ -97,10 +97,18 @@ class UniterModel(VLEncoder):
         )
         self.pooler = nn.Linear(hidden_size, hidden_size)
         init_bert_weights(self, std=init_std)
-        if pretrained:
-            from projects.uniter.uniter.convert import load_pretrained
+        # What ``pretrained`` copied and left fresh; the trainer prints and logs it.
+        self.init_report = self.load_pretrained(pretrained) if pretrained else None
 
-            load_pretrained(self, pretrained)
+    def load_pretrained(self, path: str):
+        """Copy backbone weights from ``path`` (a BERT checkpoint in transformers' layout, an
+        original UNITER or a vlframe checkpoint / ``.safetensors``); the image side stays fresh
+        when the file has none. Returns a ``vlframe.engine.checkpoint.WeightsReport``; a shape
+        mismatch is an error naming the key. ``train.init_from`` reaches this for files that are
+        not in vlframe's own layout."""
+        from projects.uniter.uniter.convert import load_pretrained
+
+        return load_pretrained(self, path)
 
     def tie_targets(self) -> dict[str, nn.Module]:
         # The modules tied heads reuse (the model stays their single owner).
