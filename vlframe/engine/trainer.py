@@ -153,6 +153,8 @@ class Trainer:
         phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
         self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
         sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)
+        runs_real = getattr(self.model, "runs_real_units", None)  # a packed encoder: budget real units
+        real_units = bool(runs_real(self.device)) if callable(runs_real) else False
         self.streams = {
             name: TaskStream(
                 dataset=self.train_set,
@@ -163,6 +165,7 @@ class Trainer:
                 num_workers=int(cfg.data.num_workers),
                 pin_memory=cfg.data.get("pin_memory"),
                 device=self.device,
+                real_units=real_units,
             )
             for i, (name, task) in enumerate(tasks.items())
         }
@@ -173,7 +176,7 @@ class Trainer:
                 name: TaskStream(
                     dataset=self.val_set, task=task, sampler_cfg=val_sampler, seed=int(cfg.seed) + 7,
                     shuffle=False, num_workers=int(cfg.data.num_workers), pin_memory=cfg.data.get("pin_memory"),
-                    device=self.device,
+                    device=self.device, real_units=real_units,
                 )
                 for name, task in tasks.items()
             }

@@ -84,6 +84,10 @@ class UniterModel(nn.Module):
         img_dim: int = 2048,
         init_std: float = 0.02,
         gradient_checkpointing: bool = False,
+        varlen: str = "cuda",
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        length_multiple: int = 1,
         pretrained: str | None = None,
     ):
         super().__init__()
@@ -103,6 +107,10 @@ class UniterModel(nn.Module):
             hidden_dropout=hidden_dropout,
             attention_dropout=attention_dropout,
             gradient_checkpointing=gradient_checkpointing,
+            varlen=varlen,
+            compile=compile,
+            compile_backend=compile_backend,
+            length_multiple=length_multiple,
         )
         self.pooler = nn.Linear(hidden_size, hidden_size)
         init_bert_weights(self, std=init_std)
@@ -110,6 +118,10 @@ class UniterModel(nn.Module):
             from projects.uniter.uniter.convert import load_pretrained
 
             load_pretrained(self, pretrained)
+
+    def runs_real_units(self, device: torch.device | str) -> bool:
+        """Whether a batch on ``device`` costs its real units (packed encoder), not padded ones."""
+        return self.encoder.uses_varlen(device)
 
     # The weights that tied heads reuse (the model stays their single owner).
     @property
