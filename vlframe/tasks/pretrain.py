@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlframe.data.batch import Example, VLBatch, collate
+from vlframe.data.batch import Example, VLBatch, collate, gather_masked_soft_labels
 from vlframe.masking import IGNORE_INDEX, Masker, replace_masked_tokens
 from vlframe.modules.heads import ClassifierHead, TiedFeatureHead, TiedTokenHead
 from vlframe.ot.cost import wra_distance
@@ -39,7 +39,8 @@ class MaskedTask(Task):
         self.masker = _build_masker(masker, where=f"{type(self).__name__}.masker")
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
-        batch = collate(examples, soft_labels=self.needs_soft_labels)
+        # soft labels: only the masked regions', gathered below (vlframe.data.batch)
+        batch = collate(examples, soft_labels=False)
         draw = self.masker(
             target=self.target,
             text_maskable=text_maskable(batch, self.info.special_ids),
@@ -56,6 +57,8 @@ class MaskedTask(Task):
             )
         if draw.regions.any():
             batch.img_masked = draw.regions  # the model zeroes these features and adds the mask vector
+            if self.needs_soft_labels:
+                batch.masked_soft_labels = gather_masked_soft_labels(examples, draw.regions)
         return batch
 
 
@@ -133,9 +136,12 @@ class _RegionClassTask(RegionTask):
         self.head = ClassifierHead(hidden_size=model.hidden_size, num_classes=info.num_labels)
 
     def _pred(self, model, batch):
-        if batch.soft_labels is None:
+        soft = batch.masked_soft_labels
+        if soft is None and batch.soft_labels is not None:
+            soft = batch.soft_labels[batch.img_masked]
+        if soft is None:
             raise ValueError(f"{type(self).__name__}: batch has no soft labels (region store without them)")
-        return self.head(self._masked_states(model, batch)), batch.soft_labels[batch.img_masked]
+        return self.head(self._masked_states(model, batch)), soft
 
     @staticmethod
     def top_class(soft: torch.Tensor) -> torch.Tensor:
