@@ -11,6 +11,8 @@
         does) and keeping fp16 (``collate_keeps_fp16``: half the bytes cross the process
         boundary, ``.to`` makes them float32 on the target device).
     Each is run with the soft labels read and with ``soft_labels=False`` (tasks other than MRC).
+      - the MRC task's batches as the trainer builds them (``TaskBatches``: masking, the soft labels
+        of the masked regions only, fp16 until ``.to``), main process and one worker.
     Wall-clock figures depend on what else the machine runs; "per CPU-second" figures divide by
     the CPU time of the process doing the reading (the worker's, for num_workers=1), which is
     what one loader core sustains.
@@ -205,8 +207,57 @@ def read_store(root: str, budget: int, seed: int) -> dict:
             del it, loader
             out[f"{name}_worker_per_cpu_s"] = n / max(_children_cpu() - w0, 1e-9)
             out[f"{name}_worker_mem"] = worker_mem
+        if soft:
+            _task_runs(ds, sampler, seed, out)
         out[f"mem_after_{tag}"] = _memory()
     return out
+
+
+def _task_runs(ds, sampler, seed: int, out: dict) -> None:
+    """The MRC task's batches as the trainer builds them (vlframe.engine.data.TaskBatches: masking,
+    and only the masked regions' soft labels; fp16 until ``.to``), in the main process and in
+    one DataLoader worker."""
+    import torch
+
+    from projects.uniter.uniter.model import UniterModel
+    from vlframe.data.loader import build_loader
+    from vlframe.engine.data import TaskBatches, _only, _SeededBatches
+    from vlframe.registry import TASKS, build
+    from vlframe.tasks.base import DataInfo
+
+    task = build({"type": "mrc"}, TASKS)
+    task.setup(model=UniterModel(hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8,
+                                 img_dim=ds.feat_dim), info=DataInfo.from_dataset(ds))
+    n = len(ds)
+    batches = TaskBatches(ds, task)
+    t0, c0 = time.perf_counter(), time.process_time()
+    seen = soft_rows = 0
+    for key in _SeededBatches(sampler(), seed):
+        batch = batches[key[0]].to("cpu")
+        seen += batch.size
+        soft_rows += batch.masked_soft_labels.shape[0]
+    assert seen == n and batch.soft_labels is None and batch.masked_soft_labels.dtype == torch.float32
+    out["mrc_main_per_s"] = n / (time.perf_counter() - t0)
+    out["mrc_main_per_cpu_s"] = n / (time.process_time() - c0)
+    out["mrc_soft_rows"] = soft_rows
+    out["regions"] = int(ds.region_lengths().sum())
+    loader = build_loader(batches, batch_sampler=_SeededBatches(sampler(), seed), collate_fn=_only, num_workers=1,
+                          seed=seed)
+    w0 = _children_cpu()
+    t0, c0 = time.perf_counter(), time.process_time()
+    seen = 0
+    it = iter(loader)
+    worker_pid = it._workers[0].pid
+    worker_mem: dict[str, float] = {}
+    for batch in it:
+        worker_mem = _max_memory(worker_mem, _memory(worker_pid))
+        seen += batch.to("cpu").size
+    assert seen == n
+    out["mrc_w1_per_s"] = n / (time.perf_counter() - t0)
+    out["mrc_w1_main_cpu_per_s"] = n / (time.process_time() - c0)
+    del it, loader
+    out["mrc_w1_worker_per_cpu_s"] = n / max(_children_cpu() - w0, 1e-9)
+    out["mrc_w1_worker_mem"] = worker_mem
 
 
 def bench_store(n_images: int, feat_dim: int, num_labels: int, budget: int, seed: int, thp: bool) -> None:
@@ -245,6 +296,13 @@ def bench_store(n_images: int, feat_dim: int, num_labels: int, budget: int, seed
             k = f"{tag}_w1_{prec}"
             print(f"    num_workers=1, {how:33s} {r[f'{k}_per_s']:7.0f} /s   "
                   f"{r[f'{k}_worker_per_cpu_s']:7.0f} per worker CPU-s, {r[f'{k}_main_cpu_per_s']:7.0f} per main CPU-s")
+    if num_labels:
+        print(f"    -- the MRC task's batches as the trainer builds them (TaskBatches: masking; soft labels of the "
+              f"{r['mrc_soft_rows']} masked of {r['regions']} regions only; fp16 until .to())")
+        print(f"    main process, task collate -> .to() float32:     {r['mrc_main_per_s']:7.0f} /s   "
+              f"{r['mrc_main_per_cpu_s']:7.0f} per CPU-s")
+        print(f"    num_workers=1, task collate in the worker         {r['mrc_w1_per_s']:7.0f} /s   "
+              f"{r['mrc_w1_worker_per_cpu_s']:7.0f} per worker CPU-s, {r['mrc_w1_main_cpu_per_s']:7.0f} per main CPU-s")
     print("\n(c) memory (MiB; peak = VmHWM, the rest as last sampled; file = LMDB's memory map, i.e. page cache\n"
           "    shared with the OS and other readers, not heap; shmem = batches in shared memory)")
 
@@ -257,6 +315,8 @@ def bench_store(n_images: int, feat_dim: int, num_labels: int, budget: int, seed
         row(f"reader, after the {'soft-label' if tag == 'soft' else 'soft_labels=False'} runs", r[f"mem_after_{tag}"])
         for prec in ("fp32", "fp16"):
             row(f"  its num_workers=1 worker ({prec} collate, peak)", r[f"{tag}_w1_{prec}_worker_mem"])
+        if tag == "soft":
+            row("  its num_workers=1 worker (MRC task collate, peak)", r["mrc_w1_worker_mem"])
 
 
 def main() -> None:

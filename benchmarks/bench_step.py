@@ -213,18 +213,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=None, seconds: f
         c = torch.empty(n, n, device=device, dtype=dtype)
         torch.mm(a, b, out=c)
         _sync(device)
-        times, t_end = [], time.perf_counter() + seconds
+        times, cpu, t_end = [], [], time.perf_counter() + seconds
         while time.perf_counter() < t_end or len(times) < 3:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(4 if device.type == "cuda" else 1):
                 torch.mm(a, b, out=c)
             _sync(device)
             times.append((time.perf_counter() - t0) / (4 if device.type == "cuda" else 1))
+            cpu.append((time.process_time() - c0) / (4 if device.type == "cuda" else 1))
         rate = 2 * n**3 / min(times)
         if rate > best:
             best, best_n = rate, n
+        CPU_PEAK[0] = max(CPU_PEAK[0], 2 * n**3 / max(min(cpu), 1e-9))
         del a, b, c
     return best, best_n
+
+
+CPU_PEAK = [0.0]  # best matmul FLOP per CPU-second of this process seen so far (CPU device)
 
 
 class PeakProbe:
@@ -336,13 +341,13 @@ def run_steps(model, task, opt, params, batches, device, dtype, probe=None):
     """The trainer's step: forward under autocast, backward, clip, fused AdamW, zero_grad."""
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    times, peaks, beside = [], [], []
+    times, peaks, beside, cpu = [], [], [], []
     for batch in batches:
         if probe is not None:
             beside.append(probe())
         with PeakMemory(device) as mem:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             b = batch.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 loss = task(model, b).loss
@@ -354,10 +359,11 @@ def run_steps(model, task, opt, params, batches, device, dtype, probe=None):
             opt.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         peaks.append(mem.peak)
         if probe is not None:
             beside[-1] = max(beside[-1], probe())
-    return times, peaks, mem.method, beside
+    return times, peaks, mem.method, beside, cpu
 
 
 def encoder_fwd_bwd(model, mask: torch.Tensor, device, dtype, steps: int, warmup: int, probe):
@@ -367,22 +373,23 @@ def encoder_fwd_bwd(model, mask: torch.Tensor, device, dtype, steps: int, warmup
     x = torch.randn(b, length, model.hidden_size, device=device, requires_grad=True)
     mask = mask.to(device)
     grad = torch.randn(b, length, model.hidden_size, device=device)
-    times, beside = [], []
+    times, beside, cpu = [], [], []
     for i in range(warmup + steps):
         if i >= warmup:
             beside.append(probe())
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             y = model.encoder(x, mask)
         y.backward(grad)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             beside[-1] = max(beside[-1], probe())
         x.grad = None
         model.zero_grad(set_to_none=True)
-    return times, beside
+    return times, beside, cpu
 
 
 def encoder_flops(model, mask: torch.Tensor, packed: bool) -> float:
@@ -426,9 +433,9 @@ def bench(args) -> dict:
     probe = PeakProbe(device, dtype, n0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times, peaks, method, beside = run_steps(model, task, opt, params, batches, device, dtype, probe)
+        times, peaks, method, beside, cpu = run_steps(model, task, opt, params, batches, device, dtype, probe)
     persistent = live_bytes(device)  # weights + grads freed + AdamW state now allocated
-    times, peaks, beside = times[args.warmup:], peaks[args.warmup:], beside[args.warmup:]
+    times, peaks, beside, cpu = times[args.warmup:], peaks[args.warmup:], beside[args.warmup:], cpu[args.warmup:]
     # FLOPs and units of the timed batches
     real = [float(b.num_units) for b in batches[args.warmup:]]
     from vlframe.modules.packing import make_packing
@@ -443,7 +450,8 @@ def bench(args) -> dict:
         flops_useful.append(fu)
     if not args.budget:
         flops_exec, flops_useful = flops_exec * len(times), flops_useful * len(times)
-    enc_times, enc_beside = encoder_fwd_bwd(model, masks[0], device, dtype, steps=args.steps, warmup=1, probe=probe)
+    enc_times, enc_beside, enc_cpu = encoder_fwd_bwd(model, masks[0], device, dtype, steps=args.encoder_reps,
+                                                     warmup=1, probe=probe)
     enc_fl = encoder_flops(model, masks[0].to(device), packed)
     peak1, n1 = matmul_peak(device, dtype)
     peak = max(peak0, peak1)
@@ -453,13 +461,15 @@ def bench(args) -> dict:
     paired = statistics.median([f / t / p for f, t, p in zip(flops_useful, times, beside)])
     enc_paired = statistics.median([enc_fl / t / p for t, p in zip(enc_times, enc_beside)])
     peak = max(peak, *beside, *enc_beside)
+    cpu_rate = statistics.median([f / t for f, t in zip(flops_useful, cpu)])
+    enc_cpu_rate = statistics.median([enc_fl / t for t in enc_cpu])
     return dict(
         device=device, dtype=args.dtype, packed=packed, compiled=args.compile, sec=sec,
         times=times, input_units=statistics.median([(r if packed else p) / t for r, p, t in zip(real, padded_units, times)]),
         real_units=statistics.median([r / t for r, t in zip(real, times)]),
         flops=statistics.median(flops_useful), flops_exec=statistics.median(flops_exec), rate=rate,
         peak=peak, peak_n=n0 if peak0 >= peak1 else n1, peaks=(peak0, peak1), enc_time=statistics.median(enc_times), enc_flops=enc_fl,
-        paired=paired, enc_paired=enc_paired,
+        paired=paired, enc_paired=enc_paired, cpu_rate=cpu_rate, enc_cpu_rate=enc_cpu_rate, cpu_peak=CPU_PEAK[0],
         mem_step=max(peaks), mem_method=method, persistent=persistent, persistent0=persistent0,
         examples=statistics.median([b.size for b in batches[args.warmup:]]), real_mean=statistics.mean(real),
         padded_mean=statistics.mean(padded_units), graphs=model.encoder.compiled_graphs,
@@ -489,6 +499,11 @@ def report(args, r: dict) -> None:
     print(f"  encoder alone fwd+bwd: {r['enc_time']:.4f} s, {r['enc_flops'] / 1e9:.1f} GFLOP, "
           f"{enc_rate / 1e9:.1f} GFLOP/s = {enc_rate / r['peak']:.1%} of the run's best matmul peak; "
           f"{r['enc_paired']:.1%} of the peak probed beside each repetition")
+    if r["device"].type == "cpu":
+        print(f"  per CPU-second of this process (what other processes on a shared machine do not change): "
+              f"matmul peak {r['cpu_peak'] / 1e9:.1f} GFLOP/CPU-s; step {r['cpu_rate'] / 1e9:.1f} = "
+              f"{r['cpu_rate'] / r['cpu_peak']:.1%}; encoder alone fwd+bwd {r['enc_cpu_rate'] / 1e9:.1f} = "
+              f"{r['enc_cpu_rate'] / r['cpu_peak']:.1%} of the peak")
     print(f"  peak memory ({r['mem_method']}): step adds {fmt_bytes(r['mem_step'])} on top of "
           f"{fmt_bytes(r['persistent'])} live after the steps (weights, AdamW state, process"
           f"{' heap' if r['device'].type == 'cpu' else ''}); {fmt_bytes(r['persistent0'])} before the first step")
@@ -520,7 +535,7 @@ def fit(args) -> None:
                 batches, _ = make_batches(a, task, real_units=False)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    _, peaks, _, _ = run_steps(model, task, opt, params, batches, device, torch.float32)
+                    _, peaks, _, _, _ = run_steps(model, task, opt, params, batches, device, torch.float32)
                 n_params = sum(p.numel() for p in params)
                 points.append((n * 56, peaks[-1]))
                 del model, task, opt, params, batches
@@ -557,6 +572,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per encoder layer")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--encoder-reps", type=int, default=5, help="timed repetitions of the encoder alone")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fit", action="store_true", help="the 16 GB fp16 question for base/large (CPU measurement)")
