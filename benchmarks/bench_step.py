@@ -203,9 +203,9 @@ def make_batches(args, task, real_units: bool) -> tuple[list, BenchData]:
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=None, seconds: float = 0.6) -> tuple[float, int]:
     """Best FLOP/s of square matmuls (2 n^3 flops each) over a few sizes."""
     if sizes is None:
-        sizes = (1024, 2048, 3072) if device.type == "cpu" else (4096, 8192, 12288)
-    if device.type == "cpu" and dtype != torch.float32:
-        sizes = (256, 512)  # half precision matmuls are emulated and slow on most CPUs
+        sizes = PEAK_SIZES or ((1024, 2048, 3072) if device.type == "cpu" else (4096, 8192, 12288))
+        if device.type == "cpu" and dtype != torch.float32 and not PEAK_SIZES:
+            sizes = (256, 512)  # half precision matmuls are emulated and slow on most CPUs
     best, best_n = 0.0, 0
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -229,6 +229,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=None, seconds: f
     return best, best_n
 
 
+PEAK_SIZES: tuple[int, ...] = ()  # --peak-sizes
 CPU_PEAK = [0.0]  # best matmul FLOP per CPU-second of this process seen so far (CPU device)
 
 
@@ -519,15 +520,16 @@ def fit(args) -> None:
     torch.set_num_threads(args.threads)
     _fix_malloc()
     print("Memory model for a GPU step in fp16 AMP (torch.autocast + GradScaler, fp32 master weights):")
-    print("  persistent = 16 B/param (fp32 weights 4 + fp32 grads 4 + AdamW exp_avg 4 + exp_avg_sq 4);")
-    print("  activations = the CPU fp32 step peak above the persistent state, fitted as a + b x units from two")
-    print("  measured batch sizes; under fp16 autocast the saved matmul inputs are fp16, LayerNorm/softmax")
-    print("  outputs stay fp32: bounded above by the fp32 figure, estimated at 0.6x of it; + 1.0 GiB for the")
-    print("  CUDA context, cuBLAS workspace and allocator fragmentation.")
+    print("  persistent = 12 B/param (fp32 weights 4 + AdamW exp_avg 4 + exp_avg_sq 4);")
+    print("  + the CPU fp32 step peak above that (a second step: AdamW state exists), fitted as a + b x units")
+    print("  from two measured batch sizes: a holds the fp32 grads (4 B/param, fp32 under AMP too) and the")
+    print("  fixed buffers; b x units the activations, which under fp16 autocast save fp16 matmul inputs but")
+    print("  fp32 LayerNorm/softmax outputs: bounded above by the fp32 figure, estimated at 0.6x of it;")
+    print("  + 1.0 GiB for the CUDA context, cuBLAS workspace and allocator fragmentation.")
     for size, units, tag in (("base", 10240, "UNITER-base"), ("large", 6144, "UNITER-large")):
         for ckpt in (False, True):
             points = []
-            for n in (8, 16):
+            for n in (4, 8):
                 a = argparse.Namespace(**{**vars(args), "model": size, "batch": n, "text": 20, "regions": 36,
                                           "budget": 0, "checkpointing": ckpt, "compile": False, "varlen": "never",
                                           "warmup": 1, "steps": 1})
@@ -543,15 +545,16 @@ def fit(args) -> None:
             (u0, m0), (u1, m1) = points
             per_unit = (m1 - m0) / (u1 - u0)
             fixed = m0 - per_unit * u0
-            act32 = fixed + per_unit * units
-            persistent = 16 * n_params
-            est = persistent + 0.6 * act32 + 2**30
-            bound = persistent + act32 + 2**30
+            act32 = per_unit * units
+            persistent = 12 * n_params
+            est = persistent + fixed + 0.6 * act32 + 2**30
+            bound = persistent + fixed + act32 + 2**30
             verdict = "fits" if bound <= 16 * 2**30 else ("fits (estimate; not under the bound)" if est <= 16 * 2**30 else "does NOT fit")
             print(f"  {tag} {units} units{' + activation checkpointing' if ckpt else ''}: {n_params / 1e6:.1f}M params "
                   f"-> persistent {fmt_bytes(persistent)}; measured CPU fp32 step peaks {fmt_bytes(m0)} @ {u0} units, "
-                  f"{fmt_bytes(m1)} @ {u1} units -> {per_unit / 2**10:.0f} KiB/unit; activations fp32 "
-                  f"{fmt_bytes(act32)} -> total {fmt_bytes(est)} (bound {fmt_bytes(bound)}) of 16 GiB: {verdict}")
+                  f"{fmt_bytes(m1)} @ {u1} units -> fixed {fmt_bytes(fixed)} + {per_unit / 2**10:.0f} KiB/unit; "
+                  f"activations fp32 {fmt_bytes(act32)} -> total {fmt_bytes(est)} (bound {fmt_bytes(bound)}) "
+                  f"of 16 GiB: {verdict}")
 
 
 def main() -> None:
@@ -575,12 +578,31 @@ def main() -> None:
     p.add_argument("--encoder-reps", type=int, default=5, help="timed repetitions of the encoder alone")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peaks", action="store_true", help="print the fp32/bf16/fp16 matmul peaks of --device and exit")
+    p.add_argument("--peak-sizes", type=int, nargs="*", default=[], help="square matmul sizes for the peaks")
     p.add_argument("--fit", action="store_true", help="the 16 GB fp16 question for base/large (CPU measurement)")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    global PEAK_SIZES
+    PEAK_SIZES = tuple(args.peak_sizes)
     if args.fit:
         fit(args)
+        return
+    if args.peaks:
+        device = torch.device(args.device)
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; tf32 printed apart
+        for dt in ("fp32", "bf16", "fp16"):
+            rate, n = matmul_peak(device, DTYPES[dt])
+            print(f"matmul peak {dt:4s} on {name}: {rate / 1e9:10.1f} GFLOP/s (square n={n})")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            rate, n = matmul_peak(device, torch.float32)
+            print(f"matmul peak tf32 on {name}: {rate / 1e9:10.1f} GFLOP/s (square n={n})")
         return
     report(args, bench(args))
 
