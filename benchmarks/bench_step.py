@@ -514,47 +514,78 @@ def report(args, r: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ memory fit
+def saved_bytes(model, task, batch) -> int:
+    """Bytes of the distinct storages autograd saves for backward in the task's forward: the
+    activation memory a step holds at the end of its forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and not t.is_nested:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(task.parameters())}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = task(model, batch).loss
+    del loss
+    return sum(n for ptr, n in seen.items() if ptr not in params)  # weights are counted apart
+
+
 def fit(args) -> None:
-    """CPU peaks at two batch sizes -> bytes per unit -> the fp16 16 GB question."""
+    """Measured CPU figures -> the fp16 16 GB question for UNITER-base and -large."""
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     _fix_malloc()
     print("Memory model for a GPU step in fp16 AMP (torch.autocast + GradScaler, fp32 master weights):")
-    print("  persistent = 12 B/param (fp32 weights 4 + AdamW exp_avg 4 + exp_avg_sq 4);")
-    print("  + the CPU fp32 step peak above that (a second step: AdamW state exists), fitted as a + b x units")
-    print("  from two measured batch sizes: a holds the fp32 grads (4 B/param, fp32 under AMP too) and the")
-    print("  fixed buffers; b x units the activations, which under fp16 autocast save fp16 matmul inputs but")
-    print("  fp32 LayerNorm/softmax outputs: bounded above by the fp32 figure, estimated at 0.6x of it;")
+    print("  persistent 16 B/param: fp32 weights 4 + fp32 grads 4 + AdamW exp_avg 4 + exp_avg_sq 4;")
+    print("  activations: the bytes autograd saves for backward, measured on the CPU in fp32 at two batch")
+    print("  sizes (20 text + 36 regions each) and fitted as a + b x units; under fp16 autocast the saved matmul")
+    print("  inputs are fp16 but LayerNorm/softmax/loss tensors stay fp32: bounded by the fp32 figure (1.0x),")
+    print("  estimated at 0.6x; with checkpointing, the layer inputs plus one layer recomputed in backward;")
     print("  + 1.0 GiB for the CUDA context, cuBLAS workspace and allocator fragmentation.")
+    print("  Cross-check: the measured CPU fp32 step peak (VmHWM above the live set, 2nd step) at the smaller size.")
     for size, units, tag in (("base", 10240, "UNITER-base"), ("large", 6144, "UNITER-large")):
+        sizes = (4, 8)
+        a = argparse.Namespace(**{**vars(args), "model": size, "batch": sizes[0], "text": 20, "regions": 36,
+                                  "budget": 0, "checkpointing": False, "compile": False, "varlen": "never",
+                                  "warmup": 1, "steps": 1})
+        model, task, opt, params = build(a, device)
+        n_params = sum(p.numel() for p in params)
+        batches, _ = make_batches(a, task, real_units=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, peaks, _, _, _ = run_steps(model, task, opt, params, batches, device, torch.float32)
+        measured = {}
         for ckpt in (False, True):
-            points = []
-            for n in (4, 8):
-                a = argparse.Namespace(**{**vars(args), "model": size, "batch": n, "text": 20, "regions": 36,
-                                          "budget": 0, "checkpointing": ckpt, "compile": False, "varlen": "never",
-                                          "warmup": 1, "steps": 1})
-                model, task, opt, params = build(a, device)
-                batches, _ = make_batches(a, task, real_units=False)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    _, peaks, _, _, _ = run_steps(model, task, opt, params, batches, device, torch.float32)
-                n_params = sum(p.numel() for p in params)
-                points.append((n * 56, peaks[-1]))
-                del model, task, opt, params, batches
-                gc.collect()
-            (u0, m0), (u1, m1) = points
-            per_unit = (m1 - m0) / (u1 - u0)
-            fixed = m0 - per_unit * u0
-            act32 = per_unit * units
-            persistent = 12 * n_params
-            est = persistent + fixed + 0.6 * act32 + 2**30
-            bound = persistent + fixed + act32 + 2**30
-            verdict = "fits" if bound <= 16 * 2**30 else ("fits (estimate; not under the bound)" if est <= 16 * 2**30 else "does NOT fit")
-            print(f"  {tag} {units} units{' + activation checkpointing' if ckpt else ''}: {n_params / 1e6:.1f}M params "
-                  f"-> persistent {fmt_bytes(persistent)}; measured CPU fp32 step peaks {fmt_bytes(m0)} @ {u0} units, "
-                  f"{fmt_bytes(m1)} @ {u1} units -> fixed {fmt_bytes(fixed)} + {per_unit / 2**10:.0f} KiB/unit; "
-                  f"activations fp32 {fmt_bytes(act32)} -> total {fmt_bytes(est)} (bound {fmt_bytes(bound)}) "
-                  f"of 16 GiB: {verdict}")
+            model.encoder.gradient_checkpointing = ckpt
+            for n in sizes:
+                b = make_batches(argparse.Namespace(**{**vars(a), "batch": n}), task, real_units=False)[0][0]
+                measured[ckpt, n] = saved_bytes(model, task, b)
+        model.encoder.gradient_checkpointing = False
+        layers = len(model.encoder.layers)
+        u0, u1 = sizes[0] * 56, sizes[1] * 56
+        step_act = measured[False, sizes[0]]
+        print(f"  {tag}: {n_params / 1e6:.1f}M params (with the MLM head) -> persistent {fmt_bytes(16 * n_params)}; "
+              f"CPU fp32 @ {u0} units: saved {fmt_bytes(step_act)}, step peak {fmt_bytes(peaks[-1])} "
+              f"(grads {fmt_bytes(4 * n_params)} + saved = {fmt_bytes(4 * n_params + step_act)})")
+        for ckpt in (False, True):
+            per_unit = (measured[ckpt, sizes[1]] - measured[ckpt, sizes[0]]) / (u1 - u0)
+            fixed = measured[ckpt, sizes[0]] - per_unit * u0
+            act = fixed + per_unit * units
+            if ckpt:  # one layer's activations come back during its recomputation
+                full = (measured[False, sizes[1]] - measured[False, sizes[0]]) / (u1 - u0)
+                act += full * units / layers
+            est = 16 * n_params + 0.6 * act + 2**30
+            bound = 16 * n_params + act + 2**30
+            verdict = ("fits" if bound <= 16 * 2**30 else
+                       "fits by the estimate, not by the bound" if est <= 16 * 2**30 else "does NOT fit")
+            print(f"    {units} units{', activation checkpointing' if ckpt else ''}: {per_unit / 2**10:.0f} KiB/unit "
+                  f"saved in fp32 -> activations {fmt_bytes(act)}; total {fmt_bytes(est)} (bound "
+                  f"{fmt_bytes(bound)}) of 16 GiB: {verdict}")
+        del model, task, opt, params, batches
+        gc.collect()
 
 
 def main() -> None:

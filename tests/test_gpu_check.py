@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_script_runs_on_cpu_with_tiny_model():
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", MODEL="tiny", DTYPE="fp32", BUDGET="256",
                STEPS="1", WARMUP="1", ENCODER_REPS="1", PEAK_SIZES="128", COMPILE_BACKEND="aot_eager",
-               LENGTH_MULTIPLE="32", CONFIG_TIMEOUT="900")
+               LENGTH_MULTIPLE="32", CONFIG_TIMEOUT="900", PEAKS_TIMEOUT="900")
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=3000)
     out = proc.stdout
