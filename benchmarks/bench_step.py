@@ -543,7 +543,7 @@ def fit(args) -> None:
     print("  activations: the bytes autograd saves for backward, measured on the CPU in fp32 at two batch")
     print("  sizes (20 text + 36 regions each) and fitted as a + b x units; under fp16 autocast the saved matmul")
     print("  inputs are fp16 but LayerNorm/softmax/loss tensors stay fp32: bounded by the fp32 figure (1.0x),")
-    print("  estimated at 0.6x; with checkpointing, the layer inputs plus one layer recomputed in backward;")
+    print("  estimated at 0.6x; with checkpointing, + the layer inputs it keeps + one layer recomputed in backward;")
     print("  + 1.0 GiB for the CUDA context, cuBLAS workspace and allocator fragmentation.")
     print("  Cross-check: the measured CPU fp32 step peak (VmHWM above the live set, 2nd step) at the smaller size.")
     for size, units, tag in (("base", 10240, "UNITER-base"), ("large", 6144, "UNITER-large")):
@@ -574,9 +574,10 @@ def fit(args) -> None:
             per_unit = (measured[ckpt, sizes[1]] - measured[ckpt, sizes[0]]) / (u1 - u0)
             fixed = measured[ckpt, sizes[0]] - per_unit * u0
             act = fixed + per_unit * units
-            if ckpt:  # one layer's activations come back during its recomputation
+            if ckpt:  # one layer's activations come back during its recomputation, and the layer
+                # inputs that checkpoint holds (not seen by the hooks): layers x H fp32 per unit
                 full = (measured[False, sizes[1]] - measured[False, sizes[0]]) / (u1 - u0)
-                act += full * units / layers
+                act += full * units / layers + units * layers * model.hidden_size * 4
             est = 16 * n_params + 0.6 * act + 2**30
             bound = 16 * n_params + act + 2**30
             verdict = ("fits" if bound <= 16 * 2**30 else
