@@ -196,8 +196,8 @@ def collate(examples: list[Example], *, keep_fp16: bool | None = None, soft_labe
     soft = None
     if soft_labels and all(e.soft_labels is not None for e in examples):
         softs = [e.soft_labels for e in examples]
+        _check_soft_labels(softs, examples)
         soft, _ = pad_stack(softs, 0.0, dtype=_float_dtype(softs, keep_fp16))
-        _check_soft_labels(soft, examples)
     return VLBatch(
         input_ids=input_ids,
         text_mask=text_mask,
@@ -235,19 +235,18 @@ def gather_masked_soft_labels(examples: list[Example], masked: torch.Tensor, *,
                                  f"masked marks a region beyond them")
             out[row: row + n] = soft.index_select(0, idx)  # converted to out's dtype on the copy
             row += n
-    _check_soft_labels(out, examples, rows=counts)
+    _check_soft_labels(list(out.split(counts)), examples)
     return out
 
 
-def _check_soft_labels(soft: torch.Tensor, examples: list[Example], rows: list[int] | None = None) -> None:
-    """NaN/inf in the copied soft labels: the error names the first bad example's image. ``soft`` is
-    padded [B, K, C] (rows None) or the gathered [n, C] with ``rows[i]`` rows per example."""
-    if bool(torch.isfinite(soft).all()):
-        return
-    from vlframe.data.stores import DataQualityError
+def _check_soft_labels(parts: list[torch.Tensor], examples: list[Example]) -> None:
+    """NaN/inf in the soft labels a batch copies (``parts[i]``: example i's rows): the error names
+    the first bad example's image."""
+    from vlframe.data.stores import DataQualityError, all_finite  # the fast fp16/fp32 bit-pattern check
 
-    parts = soft.unbind(0) if rows is None else soft.split(rows)
-    bad = next(i for i, part in enumerate(parts) if not bool(torch.isfinite(part).all()))
+    bad = next((i for i, part in enumerate(parts) if not all_finite(part.detach().contiguous().numpy())), None)
+    if bad is None:
+        return
     img_id = examples[bad].img_id
     raise DataQualityError(
         f"img_id {img_id!r}: non-finite values (NaN/inf) in soft_labels (example {examples[bad].txt_id!r}; a store "
