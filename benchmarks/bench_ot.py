@@ -1,11 +1,13 @@
 """Benchmark the OT solvers of UNITER's WRA on the CPU.
 
-Times, in ms over ``--repeats`` runs after warm-up (median and p90):
-  * forward+backward: cosine cost from word [B, N, D] and region [B, M, D] embeddings that
-    require grad, the solver, the distance, and backward through the distance;
-  * solver alone on a fixed cost.
-  * a plain baseline of the same IPOT (structured like the original code), same conditions;
-  * IPOT with its default final rounding (feasible plan) and without it (``ipot-raw``).
+Times, in ms over ``--repeats`` rounds after warm-up (median and p90), all variants run
+round-robin so that they see the same machine load:
+  * the whole WRA path as the ITM task runs it, ``vlframe.ot.cost.wra_distance`` (cosine cost
+    from word [B, N, D] and region [B, M, D] embeddings that require grad, the solver, the
+    distance) forward + backward, for IPOT with its default exact-marginal rounding (feasible
+    plan), without it (``ipot-raw``) and Sinkhorn, and the ratio to
+  * a plain baseline of the same IPOT structured like the original UNITER code, same conditions;
+  * the solver alone on a fixed cost.
 Also prints both marginals' worst error of each IPOT plan and IPOT's relative gap to POT's exact
 ``emd2`` (if POT is installed). Other processes
 on the machine inflate the figures, 2-thread ones most (OpenMP threads wait for each other).
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from vlframe.ot import IPOT, Sinkhorn, cosine_cost, ot_distance  # noqa: E402
+from vlframe.ot.cost import wra_distance  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int) -> tuple[float, float]:
@@ -88,6 +91,26 @@ def emd_gap(cost: torch.Tensor, plan: torch.Tensor, mask_a: torch.Tensor, mask_b
     return gaps
 
 
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """ms per call of each fn, timed round-robin: every round runs each fn once, so all of them
+    see the same machine load (a shared machine's load changes from second to second)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _p90(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -109,34 +132,41 @@ def main() -> None:
     }
     print(
         f"B={args.batch} N={args.words} M={args.regions} D={args.dim} iterations={args.iterations} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats} (ms: median / p90)"
+        f"threads={torch.get_num_threads()} repeats={args.repeats}, timed round-robin (ms: median / p90)"
     )
 
-    def cost_only():
-        words.grad = regions.grad = None
-        ot_distance_sum = cosine_cost(words, regions, mask_w, mask_r).sum()
-        ot_distance_sum.backward()
-
-    med, p90 = timed(cost_only, args.repeats, args.warmup)
-    print(f"  {'cosine cost fwd+bwd (no solver)':46s} {med:7.2f} / {p90:7.2f}")
-    def plain_step():
-        words.grad = regions.grad = None
-        plain_wra_distance(words, regions, mask_w, mask_r, iterations=args.iterations).sum().backward()
-
-    med, p90 = timed(plain_step, args.repeats, args.warmup)
-    print(f"  {'plain IPOT baseline fwd+bwd':46s} {med:7.2f} / {p90:7.2f}")
-    fixed_cost = cosine_cost(words.detach(), regions.detach(), mask_w, mask_r)
-    for name, solver in solvers.items():
-
-        def step(solver=solver):
+    def fwd_bwd(fn):
+        def go():
             words.grad = regions.grad = None
-            cost = cosine_cost(words, regions, mask_w, mask_r)
-            ot_distance(cost, solver(cost, mask_w, mask_r)).sum().backward()
+            fn().sum().backward()
 
-        med, p90 = timed(step, args.repeats, args.warmup)
-        print(f"  {name + ' fwd+bwd (cost + solver + distance)':46s} {med:7.2f} / {p90:7.2f}")
-        med, p90 = timed(lambda solver=solver: solver(fixed_cost, mask_w, mask_r), args.repeats, args.warmup)
-        print(f"  {name + ' solver alone':46s} {med:7.2f} / {p90:7.2f}")
+        return go
+
+    # The whole WRA path as the ITM task runs it: vlframe.ot.cost.wra_distance (cost + solve +
+    # distance), forward + backward; and the plain original algorithm under the same load.
+    paths = {
+        "plain original IPOT (cost + solve + distance)": fwd_bwd(
+            lambda: plain_wra_distance(words, regions, mask_w, mask_r, iterations=args.iterations)),
+        **{f"wra_distance, {name}": fwd_bwd(lambda solver=solver: wra_distance(solver, words, regions, mask_w, mask_r))
+           for name, solver in solvers.items()},
+        "cosine cost alone (no solver)": fwd_bwd(lambda: cosine_cost(words, regions, mask_w, mask_r)),
+    }
+    times = interleaved(paths, args.repeats, args.warmup)
+    plain = times["plain original IPOT (cost + solve + distance)"]
+    print("  whole path, forward + backward:")
+    for name, ts in times.items():
+        ratio = ""
+        if name.startswith("wra_distance"):
+            per_round = [a / b for a, b in zip(ts, plain)]
+            ratio = (f"   {statistics.median(ts) / statistics.median(plain):.2f}x plain (per-round median "
+                     f"{statistics.median(per_round):.2f}x)")
+        print(f"    {name:46s} {statistics.median(ts):7.2f} / {_p90(ts):7.2f}{ratio}")
+    fixed_cost = cosine_cost(words.detach(), regions.detach(), mask_w, mask_r)
+    alone = interleaved({name: (lambda solver=solver: solver(fixed_cost, mask_w, mask_r))
+                         for name, solver in solvers.items()}, args.repeats, args.warmup)
+    print("  solver alone on a fixed cost:")
+    for name, ts in alone.items():
+        print(f"    {name:46s} {statistics.median(ts):7.2f} / {_p90(ts):7.2f}")
     with torch.no_grad():  # the baseline computes the unrounded plan's distances
         plain = plain_wra_distance(words, regions, mask_w, mask_r, iterations=args.iterations)
         for name in ("ipot-raw", "ipot"):

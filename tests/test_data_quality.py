@@ -215,11 +215,25 @@ def test_nan_features_raise_on_read(stores, skip_bad):
 
 
 def test_nan_soft_labels_only_checked_when_read(stores):
-    _make_nan_features(stores, "d", what="soft_labels")
+    from vlframe.data.batch import collate, gather_masked_soft_labels
+    from vlframe.data.stores import RegionStore
+
+    _make_nan_features(stores, "d", what="soft_labels")  # NaN in the first region's soft label
     with pytest.raises(DataQualityError, match=r"img_id 'd': non-finite values \(NaN/inf\) in soft_labels"):
-        _ds(stores)[3]
-    ex = _ds(stores, soft_labels=False)[3]  # not read, so not checked: the features are fine
-    assert ex.img_id == "d" and ex.soft_labels is None and torch.isfinite(ex.img_feat).all()
+        RegionStore(str(stores / "regions")).get("d")  # the store itself checks them by default
+    ds = _ds(stores)
+    ex = ds[3]  # the dataset leaves the check to the batch, which checks the rows it copies
+    assert ex.img_id == "d"
+    with pytest.raises(DataQualityError, match=r"img_id 'd': non-finite values \(NaN/inf\) in soft_labels") as e:
+        collate([ds[0], ex])
+    assert e.value.key == "d" and e.value.reason == "non_finite"
+    k = ex.img_feat.shape[0]
+    first, second = (torch.arange(k)[None] == 0), (torch.arange(k)[None] == 1)
+    with pytest.raises(DataQualityError, match=r"img_id 'd': non-finite"):
+        gather_masked_soft_labels([ex], first)
+    assert torch.isfinite(gather_masked_soft_labels([ex], second)).all()  # an unused bad row is not read
+    lean = _ds(stores, soft_labels=False)[3]  # not read, so not checked: the features are fine
+    assert lean.img_id == "d" and lean.soft_labels is None and torch.isfinite(lean.img_feat).all()
 
 
 def test_quality_error_pickles():

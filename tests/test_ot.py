@@ -507,3 +507,17 @@ def test_empty_batches(shape, make):
     assert float(solver.last_marginal_error) == 0.0
     d.sum().backward()
     assert x.grad.shape == x.shape
+def test_ipot_runs_small_cpu_problems_on_one_thread_and_restores_the_count():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(4, 5, 6, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = IPOT()(cost)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = IPOT()(cost)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # same ops, same order: the thread count changes nothing else
+    assert torch.allclose(one.sum(2), torch.full((4, 5), 1 / 5)) and torch.allclose(one.sum(1), torch.full((4, 6), 1 / 6))

@@ -57,6 +57,40 @@ def test_region_heads_run_on_masked_positions_only(world):
     assert task(model, batch).outputs["logits"].shape[0] == int((batch.targets["txt_labels"] != IGNORE_INDEX).sum())
 
 
+@pytest.mark.parametrize("keep_fp16", [False, True])
+def test_region_class_batches_carry_soft_labels_of_masked_regions_only(world, keep_fp16):
+    from vlframe.data.batch import collate, collate_keeps_fp16, gather_masked_soft_labels
+
+    import dataclasses
+
+    ds, model, info = world
+    ex = _examples(ds)
+    if keep_fp16:  # as a real (fp16) store holds them; the synthetic world's are float32
+        ex = [dataclasses.replace(e, soft_labels=e.soft_labels.half()) for e in ex]
+    padded = collate(ex, soft_labels=True).soft_labels  # every region's, float32
+    for name in ("mrc", "mrc_kl"):
+        task = _task({"type": name}, world)
+        with collate_keeps_fp16(keep_fp16):
+            batch = task.collate(ex, generator=torch.Generator().manual_seed(4), dataset=ds)
+        assert batch.soft_labels is None  # the padded [B, K, C] tensor is never built
+        soft = batch.masked_soft_labels
+        assert soft.dtype == (torch.float16 if keep_fp16 else torch.float32)
+        assert soft.shape == (int(batch.img_masked.sum()), ds.num_labels)
+        assert torch.equal(soft.float(), padded[batch.img_masked])  # same rows, same order
+        moved = batch.to("cpu")
+        assert moved.masked_soft_labels.dtype == torch.float32
+        # the old contract (padded soft labels) gives the same loss
+        old = collate(ex, soft_labels=True)
+        old.img_masked, old.input_ids = moved.img_masked, moved.input_ids
+        assert torch.equal(task(model, moved).loss, task(model, old).loss)
+    # an example without soft labels: nothing to gather
+    bare = [ex[0], type(ex[1])(ex[1].txt_id, ex[1].img_id, ex[1].input_ids, ex[1].img_feat, ex[1].img_pos)]
+    assert gather_masked_soft_labels(bare, torch.ones(2, 3, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match="beyond them"):
+        k = ex[0].img_feat.shape[0]
+        gather_masked_soft_labels(ex[:1], torch.arange(k + 1)[None] == k)
+
+
 @pytest.mark.parametrize("side", ["image", "text", "both"])
 def test_itm_negatives_side_and_rate(side, world):
     ds, model, info = world

@@ -13,6 +13,16 @@ process boundary (DataLoader worker -> trainer) or the PCIe bus then moves half 
 Either way a batch reaches the model as float32 once it went through ``.to(device)``, which the
 trainer (``DevicePrefetcher``) always does. Inside a DataLoader worker the padded tensors are
 allocated in shared memory, so handing them to the main process copies nothing.
+
+Soft labels. With 1601 classes a region's soft label is bigger than its 2048-d feature, and only
+the masked-region classification tasks (MRC, MRC-kl) read them, at the masked regions only. Those
+tasks collate without them and, once the masks are drawn, call :func:`gather_masked_soft_labels`:
+``VLBatch.masked_soft_labels`` is then ``[n_masked, C]``, row ``j`` the soft label of the ``j``-th
+True entry of ``img_masked`` in row-major order, i.e. what ``soft_labels[img_masked]`` would give,
+without ever building the padded ``[B, K, C]`` tensor. ``collate(soft_labels=True)`` still builds
+the padded ``soft_labels`` for code that wants every region's. Both check the rows they copy for
+NaN/inf (:class:`~vlframe.data.stores.DataQualityError` naming the image): the dataset leaves that
+check to them, so the unused 85% of a record's soft labels are never read.
 """
 from __future__ import annotations
 
@@ -26,10 +36,10 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["Example", "VLBatch", "pad_stack", "collate", "collate_keeps_fp16"]
+__all__ = ["Example", "VLBatch", "pad_stack", "collate", "collate_keeps_fp16", "gather_masked_soft_labels"]
 
 # Fields that may travel fp16 and are made float32 by VLBatch.to on the target device.
-_HALF_FIELDS = ("img_feat", "soft_labels")
+_HALF_FIELDS = ("img_feat", "soft_labels", "masked_soft_labels")
 _KEEP_FP16: contextvars.ContextVar[bool] = contextvars.ContextVar("vlframe_collate_keep_fp16", default=False)
 
 
@@ -78,6 +88,7 @@ class VLBatch:
     soft_labels: torch.Tensor | None = None  # [B, K, C]
     img_masked: torch.Tensor | None = None  # [B, K] bool: regions whose features the model zeroes
     token_type_ids: torch.Tensor | None = None  # [B, T] optional text token types (default 0)
+    masked_soft_labels: torch.Tensor | None = None  # [n_masked, C]: soft_labels[img_masked] (module doc)
     targets: dict[str, Any] = field(default_factory=dict)  # task targets (tensors or python values)
     txt_ids: list[str] = field(default_factory=list)
     img_ids: list[str] = field(default_factory=list)
@@ -185,6 +196,7 @@ def collate(examples: list[Example], *, keep_fp16: bool | None = None, soft_labe
     soft = None
     if soft_labels and all(e.soft_labels is not None for e in examples):
         softs = [e.soft_labels for e in examples]
+        _check_soft_labels(softs, examples)
         soft, _ = pad_stack(softs, 0.0, dtype=_float_dtype(softs, keep_fp16))
     return VLBatch(
         input_ids=input_ids,
@@ -196,3 +208,47 @@ def collate(examples: list[Example], *, keep_fp16: bool | None = None, soft_labe
         txt_ids=[e.txt_id for e in examples],
         img_ids=[e.img_id for e in examples],
     )
+
+
+def gather_masked_soft_labels(examples: list[Example], masked: torch.Tensor, *,
+                              keep_fp16: bool | None = None) -> torch.Tensor | None:
+    """The soft labels of the regions ``masked`` [B, K] selects, ``[n_masked, C]`` in row-major
+    order of ``masked`` (the order of ``padded[masked]``), copied straight from the examples'
+    stored rows; None when an example has none. Precision as :func:`collate`'s ``soft_labels``.
+    """
+    if any(e.soft_labels is None for e in examples):
+        return None
+    if masked.shape[0] != len(examples):
+        raise ValueError(f"gather_masked_soft_labels: masked has {masked.shape[0]} rows for {len(examples)} examples")
+    if keep_fp16 is None:
+        keep_fp16 = _KEEP_FP16.get()
+    softs = [e.soft_labels for e in examples]
+    dtype = _float_dtype(softs, keep_fp16)
+    counts = masked.sum(1).tolist()
+    out, _ = _new_batch_tensor((int(sum(counts)), softs[0].shape[1]), dtype, softs[0].device)
+    row = 0
+    for i, (soft, n) in enumerate(zip(softs, counts)):
+        if n:
+            idx = masked[i, : soft.shape[0]].nonzero().squeeze(1)
+            if idx.numel() != n:
+                raise ValueError(f"gather_masked_soft_labels: example {i} has {soft.shape[0]} regions but "
+                                 f"masked marks a region beyond them")
+            out[row: row + n] = soft.index_select(0, idx)  # converted to out's dtype on the copy
+            row += n
+    _check_soft_labels(list(out.split(counts)), examples)
+    return out
+
+
+def _check_soft_labels(parts: list[torch.Tensor], examples: list[Example]) -> None:
+    """NaN/inf in the soft labels a batch copies (``parts[i]``: example i's rows): the error names
+    the first bad example's image."""
+    from vlframe.data.stores import DataQualityError, all_finite  # the fast fp16/fp32 bit-pattern check
+
+    bad = next((i for i, part in enumerate(parts) if not all_finite(part.detach().contiguous().numpy())), None)
+    if bad is None:
+        return
+    img_id = examples[bad].img_id
+    raise DataQualityError(
+        f"img_id {img_id!r}: non-finite values (NaN/inf) in soft_labels (example {examples[bad].txt_id!r}; a store "
+        f"written outside vlframe or damaged; rewrite it, the writers and importers reject these)",
+        key=img_id, reason="non_finite")

@@ -22,10 +22,11 @@ Data quality (docs/data.md has the full table):
   the store, the text and image ids and how many such examples there are. ``skip_bad=True``: those
   examples are dropped, with one logged count per reason, kept in ``skipped``.
   (``text_only`` datasets read no regions, so zero-region images are fine there.)
-* NaN/inf features (or boxes, soft labels): only visible when the record is decoded, so
+* NaN/inf features (or boxes): only visible when the record is decoded, so
   ``__getitem__`` raises :class:`~vlframe.data.stores.DataQualityError` naming the region store
   and the image id, in both modes - dropping an example mid-epoch would change batches the sampler
-  has already planned. The writers and importers never produce such records; a store that has
+  has already planned. Soft labels are checked where a batch copies them (``collate``, or only the
+  masked rows in ``gather_masked_soft_labels``), raising the same error naming the image id. The writers and importers never produce such records; a store that has
   them was written elsewhere or is damaged, and is rewritten (importers skip bad images with a
   count under ``--skip-bad``).
 """
@@ -243,12 +244,15 @@ class ImageTextDataset(Dataset):
     def image_example(self, img_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(img_feat [K, D] fp16 as stored, img_pos float32 [K, 7], soft_labels [K, C] as stored or
         None): read-only views of the record (never modify them in place; collate copies).
-        Raises :class:`~vlframe.data.stores.DataQualityError` on NaN/inf in the record."""
+        Raises :class:`~vlframe.data.stores.DataQualityError` on NaN/inf in the record (soft labels:
+        when a batch copies them, see the module docstring)."""
         c = self.regions.num_labels
         if self.text_only:
             soft = torch.zeros(0, c, dtype=torch.float16) if c is not None and self.read_soft_labels else None
             return torch.zeros(0, self.feat_dim, dtype=torch.float16), torch.zeros(0, 7), soft
-        r = self.regions.get(img_id, soft_labels=self.read_soft_labels)
+        # soft labels are checked for NaN/inf where a batch copies them, only the rows it copies
+        # (vlframe.data.batch): MRC uses the masked ~15%, and reading is what costs
+        r = self.regions.get(img_id, soft_labels=self.read_soft_labels, check_soft_labels=False)
         soft = None if r.soft_labels is None else _view(r.soft_labels)
         return _view(r.features), _view(r.boxes), soft
 

@@ -14,6 +14,8 @@ Padded cost of a batch of ``b`` examples:
 * ``text_lengths`` and ``region_lengths``: ``b * max_text + b * max_regions``, the exact size of
   the separately padded text and region tensors of a collated batch. Buckets are then sorted in two
   levels (by regions into slabs, by text inside each slab) so that both maxima stay tight.
+* ``cost="real"``: ``sum(lengths)``, the real units only, for an encoder that runs packed with no
+  padding (``TransformerEncoder`` with its varlen path active; the trainer then sets it).
 
 (The original UNITER sampler's simulation, for comparison, is in ``benchmarks/original_sampler.py``.)
 """
@@ -94,6 +96,8 @@ class TokenBudgetSampler(Sampler[list[int]]):
         num_replicas, rank: DDP world size and rank (default: from ``torch.distributed`` when it
             is initialised, else 1 and 0).
         max_batch_examples: optional cap on examples per batch.
+        cost: "padded" (default: the padded cost above) or "real" (the sum of the examples'
+            units, for a packed encoder that runs no padding).
 
     An example whose cost alone exceeds the budget gets a batch of its own (counted in
     ``num_oversized`` and warned about at construction), so nothing is ever dropped silently.
@@ -120,7 +124,11 @@ class TokenBudgetSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         max_batch_examples: int | None = None,
+        cost: str = "padded",
     ) -> None:
+        if cost not in ("padded", "real"):
+            raise ValueError(f"TokenBudgetSampler: cost must be 'padded' or 'real', got {cost!r}")
+        self.cost = cost
         if (text_lengths is None) != (region_lengths is None):
             raise ValueError("TokenBudgetSampler: give both text_lengths and region_lengths, or neither")
         self.text_lengths = self.region_lengths = None
@@ -233,7 +241,9 @@ class TokenBudgetSampler(Sampler[list[int]]):
         while s < n:
             window = order[s : s + self._window]
             counts = np.arange(1, len(window) + 1, dtype=np.int64)
-            if parts:
+            if self.cost == "real":
+                cost = np.cumsum(self.lengths[window])
+            elif parts:
                 cost = counts * (
                     np.maximum.accumulate(self.text_lengths[window])
                     + np.maximum.accumulate(self.region_lengths[window])

@@ -563,10 +563,12 @@ class RegionStore:
             return self._selected.copy()
         return np.array([self._selected[self._pos(i)] for i in img_ids], dtype=np.int64)
 
-    def get(self, img_id: str, *, soft_labels: bool = True) -> RegionRecord:
+    def get(self, img_id: str, *, soft_labels: bool = True, check_soft_labels: bool = True) -> RegionRecord:
         """The selected regions of ``img_id`` as read-only views of the record (fp16 features as
         stored; copy before modifying). ``soft_labels=False`` skips decoding and checking them
-        (``[K, C]``, with C = 1601 bigger than the features; only MRC tasks use them)."""
+        (``[K, C]``, with C = 1601 bigger than the features; only MRC tasks use them).
+        ``check_soft_labels=False`` decodes them without the NaN/inf check, for a caller that checks
+        the rows it uses (the dataset: :mod:`vlframe.data.batch` checks what a batch copies)."""
         i = self._pos(img_id)
 
         def err(msg: str) -> ValueError:
@@ -600,8 +602,9 @@ class RegionStore:
         k = int(self._selected[i])
         feats, boxes, conf = feats[:k], boxes[:k], conf[:k]
         soft = None if soft is None else soft[:k]
-        bad = [name for name, a in (("features", feats), ("boxes", boxes), ("conf", conf), ("soft_labels", soft))
-               if a is not None and not all_finite(a)]
+        checked = (("features", feats), ("boxes", boxes), ("conf", conf),
+                   ("soft_labels", soft if check_soft_labels else None))
+        bad = [name for name, a in checked if a is not None and not all_finite(a)]
         if bad:
             raise DataQualityError(
                 f"region store {self.path}: img_id {img_id!r}: non-finite values (NaN/inf) in {', '.join(bad)} "

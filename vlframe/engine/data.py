@@ -84,8 +84,13 @@ class TaskStream:
         device: torch.device | str = "cpu",
         where: str = "data.sampler",
         even_ranks: bool = True,
+        real_units: bool = False,
     ):
         from vlframe.data.loader import DevicePrefetcher, build_loader
+
+        if real_units and sampler_cfg.get("type") == "token_budget":
+            # A packed encoder runs no padding: the budget counts real units (unless set).
+            sampler_cfg = {"cost": "real", **sampler_cfg}
 
         self.sampler = build(
             sampler_cfg,

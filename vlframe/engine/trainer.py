@@ -210,6 +210,7 @@ class Trainer:
         phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
         self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
         sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)
+        real_units = self.model.runs_real_units(self.device)  # a packed encoder: budget real units
         self.streams = {
             name: TaskStream(
                 dataset=self.train_set,
@@ -220,6 +221,7 @@ class Trainer:
                 num_workers=int(cfg.data.num_workers),
                 pin_memory=cfg.data.get("pin_memory"),
                 device=self.device,
+                real_units=real_units,
             )
             for i, (name, task) in enumerate(tasks.items())
         }
@@ -230,7 +232,7 @@ class Trainer:
                 name: TaskStream(
                     dataset=self.val_set, task=task, sampler_cfg=val_sampler, seed=int(cfg.seed) + 7,
                     shuffle=False, num_workers=int(cfg.data.num_workers), pin_memory=cfg.data.get("pin_memory"),
-                    device=self.device,
+                    device=self.device, real_units=real_units,
                     # every batch once over all ranks (ranks may differ by one batch: validation
                     # runs the bare model, no collective per batch; Average all-reduces once)
                     even_ranks=False,

@@ -62,6 +62,11 @@ class VLEncoder(nn.Module):
     def tie_targets(self) -> dict[str, nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must define tie_targets()")  # abstract
 
+    def runs_real_units(self, device) -> bool:
+        """Whether a batch on ``device`` costs only its real text tokens + regions (an encoder that
+        runs without padding); the token-budget sampler then counts real units. Default: padded."""
+        return False
+
     def load_pretrained(self, path: str):
         """Copy weights of a foreign layout (e.g. a BERT checkpoint) into this model; returns a
         ``WeightsReport``. vlframe's own checkpoints never come here (the trainer reads them)."""

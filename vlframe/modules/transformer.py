@@ -3,6 +3,15 @@
 Numerically the same layer as BERT (erf GELU, LayerNorm after each residual), so BERT and UNITER
 checkpoints load into it by renaming keys. Padding is a boolean key mask: padded keys get
 ``-inf`` (BERT used an additive -10000; both give exactly zero weight in fp32).
+
+Packed (variable-length) path: with ``varlen`` active the encoder runs on the real tokens only,
+as one ``[total, H]`` tensor; the linear layers, GELU and LayerNorms see no padding and attention
+runs per sequence on jagged nested tensors through SDPA (flash/memory-efficient varlen kernels on
+CUDA). ``varlen="cuda"`` (default) uses it on CUDA and the padded path elsewhere; ``"always"``
+also on the CPU (the math kernel: correct, used by tests, not faster there); ``"never"`` pads.
+Optional ``torch.compile`` (``compile=True``): the padded path pads the sequence to a multiple of
+``length_multiple`` and marks the batch dimension dynamic, so graphs are compiled once per length
+bucket, not once per batch shape; ``compiled_graphs`` counts them.
 """
 from __future__ import annotations
 
@@ -13,6 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlframe.registry import MODELS
+
+_VARLEN_MODES = ("cuda", "always", "never")
+
+
+class Jagged:
+    """Where each sequence of a packed ``[total, H]`` tensor starts: ``offsets`` [B + 1]."""
+
+    def __init__(self, offsets: torch.Tensor, max_len: int):
+        self.offsets = offsets
+        self.max_len = max_len
+
+    def nest(self, x: torch.Tensor) -> torch.Tensor:
+        """[total, heads, d] -> jagged [B, heads, j, d] (a view: no copy)."""
+        nt = torch.nested.nested_tensor_from_jagged(x, self.offsets, max_seqlen=self.max_len)
+        return nt.transpose(1, 2)
 
 
 class SelfAttention(nn.Module):
@@ -28,7 +52,9 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
         self.weights_sink: list[torch.Tensor] | None = None  # set by attention_weights() only
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Jagged | None) -> torch.Tensor:
+        if isinstance(attn_mask, Jagged):
+            return self._forward_jagged(x, attn_mask)
         b, n, h = x.shape
         split = lambda t: t.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
@@ -49,6 +75,12 @@ class SelfAttention(nn.Module):
         w = scores.softmax(-1)
         self.weights_sink.append(w.detach())
         return F.dropout(w, self.dropout, self.training) @ v
+    def _forward_jagged(self, x: torch.Tensor, jag: Jagged) -> torch.Tensor:
+        total, h = x.shape
+        split = lambda t: jag.nest(t.view(total, self.num_heads, h // self.num_heads))  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).values().reshape(total, h))
 
 
 class TransformerLayer(nn.Module):
@@ -70,14 +102,20 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.drop = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | Jagged | None) -> torch.Tensor:
         x = self.attn_norm(x + self.drop(self.attn(x, attn_mask)))
         return self.ffn_norm(x + self.drop(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
 @MODELS.register_module(name="TransformerEncoder")
 class TransformerEncoder(nn.Module):
-    """``num_layers`` post-LN layers. ``forward(x, mask)`` with ``mask`` [B, L] bool (True = real)."""
+    """``num_layers`` post-LN layers. ``forward(x, mask)`` with ``mask`` [B, L] bool (True = real).
+
+    ``varlen``: "cuda" | "always" | "never", the packed path (module docstring). ``compile``:
+    ``torch.compile`` the layers with ``compile_backend``, the padded sequence padded to a
+    multiple of ``length_multiple`` so that recompiles stay bounded. Padding slots of the output
+    hold arbitrary values (zeros on the packed path).
+    """
 
     def __init__(
         self,
@@ -90,9 +128,22 @@ class TransformerEncoder(nn.Module):
         attention_dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
         gradient_checkpointing: bool = False,
+        varlen: str = "cuda",
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        length_multiple: int = 1,
     ):
         super().__init__()
+        if varlen not in _VARLEN_MODES:
+            raise ValueError(f"TransformerEncoder: varlen must be one of {_VARLEN_MODES}, got {varlen!r}")
+        if isinstance(length_multiple, bool) or not isinstance(length_multiple, int) or length_multiple < 1:
+            raise ValueError(f"TransformerEncoder: length_multiple must be an integer >= 1, got {length_multiple!r}")
         self.gradient_checkpointing = gradient_checkpointing
+        self.varlen = varlen
+        self.length_multiple = length_multiple
+        self.compile_backend = compile_backend
+        self.compiled_graphs = 0  # graphs torch.compile built (first compile + recompiles + breaks)
+        self._run = torch.compile(self._layers, backend=self._count_backend) if compile else self._layers
         self.layers = nn.ModuleList(
             TransformerLayer(
                 hidden_size=hidden_size,
@@ -105,12 +156,54 @@ class TransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
+    def uses_varlen(self, device: torch.device | str) -> bool:
+        """Whether inputs on ``device`` run packed (real tokens only)."""
+        return self.varlen == "always" or (self.varlen == "cuda" and torch.device(device).type == "cuda")
+
+    def _count_backend(self, gm, example_inputs):
+        self.compiled_graphs += 1
+        return torch._dynamo.lookup_backend(self.compile_backend)(gm, example_inputs)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None and self.uses_varlen(x.device):
+            return self._forward_packed(x, mask)
+        b, n, _ = x.shape
+        if self._run is not self._layers:
+            # Bucketed length: one graph per multiple of length_multiple; batch size stays symbolic.
+            pad = -n % self.length_multiple
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))
+                mask = F.pad(mask if mask is not None else x.new_ones(b, n, dtype=torch.bool), (0, pad))
         # [B, 1, 1, L] broadcasts over heads and queries; SDPA reads True as "may attend".
         attn_mask = None if mask is None else mask[:, None, None, :]
+        if self._run is not self._layers and b > 1:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            if attn_mask is not None:
+                torch._dynamo.maybe_mark_dynamic(attn_mask, 0)
+        return self._run(x, attn_mask)[:, :n]
+
+    def _forward_packed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        lengths = mask.sum(1)
+        offsets = F.pad(lengths.cumsum(0), (1, 0))
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # flat [B * L] positions of the real tokens
+        values = x.reshape(b * n, h).index_select(0, rows)
+        max_len = n
+        if self._run is not self._layers:
+            # max_seqlen only bounds the kernels' work: a bucketed bound keeps it off the guards
+            max_len = n + (-n % self.length_multiple)
+            torch._dynamo.maybe_mark_dynamic(values, 0)
+            torch._dynamo.maybe_mark_dynamic(offsets, 0)
+        out = self._run(values, Jagged(offsets, max_len))
+        return out.new_zeros(b * n, h).index_copy(0, rows, out).view(b, n, h)
+
+    def _layers(self, x: torch.Tensor, attn_mask: torch.Tensor | Jagged | None) -> torch.Tensor:
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
+                # The non-reentrant variant reads the sizes of saved tensors, which nested tensors
+                # (the packed path's attention) do not have; the reentrant one saves none.
+                reentrant = isinstance(attn_mask, Jagged)
+                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=reentrant)
             else:
                 x = layer(x, attn_mask)
         return x

@@ -28,6 +28,9 @@ batched products are several times faster on CPU than ``[B,N,M] @ [B,M,1]``.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from vlframe.ot.base import OTSolver, check_count, check_flag, check_positive, round_to_marginals
@@ -39,6 +42,23 @@ _TINY = torch.finfo(torch.float32).tiny
 # extra inner updates of the last outer step before rounding: the fixture's distance shift is
 # 1.1e-4 at 20, 8.7e-5 at 30, 7.6e-5 at 50, 7.3e-5 converged (see the module docstring)
 _BALANCE_STEPS = 50
+# CPU problems up to this many cells run the loop on one intra-op thread: its ~570 small ops gain
+# nothing from more threads, but each batched product wakes the thread pool, and on a loaded
+# machine a wake-up costs more than the op (2 threads: the whole WRA path 0.6x -> see bench_ot.py).
+_ONE_THREAD_CELLS = 1 << 20
+
+
+@contextlib.contextmanager
+def _loop_threads(cost: torch.Tensor) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    if cost.device.type != "cpu" or threads == 1 or cost.numel() > _ONE_THREAD_CELLS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @OT_SOLVERS.register_module(name="ipot")
@@ -62,6 +82,10 @@ class IPOT(OTSolver):
 
     @torch.no_grad()
     def _solve(self, cost: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+        with _loop_threads(cost):
+            return self._ipot(cost, mask_a, mask_b)
+
+    def _ipot(self, cost: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
         b, n, m = cost.shape
         f32 = torch.float32
         joint = mask_a.unsqueeze(2) & mask_b.unsqueeze(1)

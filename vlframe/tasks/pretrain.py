@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlframe.data.batch import Example, VLBatch, collate
+from vlframe.data.batch import Example, VLBatch, collate, gather_masked_soft_labels
 from vlframe.masking import IGNORE_INDEX, Masker, replace_masked_tokens
 from vlframe.models import VLEncoder
 from vlframe.ot.cost import wra_distance
@@ -35,7 +35,8 @@ class MaskedTask(Task):
         self.loss_fn = build_loss(loss, self.default_loss, where=f"{type(self).__name__}.loss")
 
     def collate(self, examples: list[Example], *, generator: torch.Generator, dataset: Any) -> VLBatch:
-        batch = collate(examples, soft_labels=self.needs_soft_labels)
+        # soft labels: only the masked regions', gathered below (vlframe.data.batch)
+        batch = collate(examples, soft_labels=False)
         draw = self.masker(
             target=self.target,
             text_maskable=text_maskable(batch, self.info.special_ids),
@@ -52,6 +53,8 @@ class MaskedTask(Task):
             )
         if draw.regions.any():
             batch.img_masked = draw.regions  # the model zeroes these features and adds the mask vector
+            if self.needs_soft_labels:
+                batch.masked_soft_labels = gather_masked_soft_labels(examples, draw.regions)
         return batch
 
     def forward(self, model: VLEncoder, batch: VLBatch) -> TaskOutput:
@@ -149,10 +152,12 @@ class _RegionClassTask(RegionTask):
         return soft[:, 1:].argmax(-1) + 1
 
     def _run(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
-        if batch.soft_labels is None:
+        soft = batch.masked_soft_labels  # the masked regions' rows, gathered at collate time
+        if soft is None and batch.soft_labels is not None:
+            soft = batch.soft_labels[batch.img_masked]
+        if soft is None:
             raise ValueError(f"{self.where}: batch has no soft labels (region store without them)")
         logits = self.head(self._masked_states(model, batch))
-        soft = batch.soft_labels[batch.img_masked]
         out = {"logits": logits, "soft_labels": soft, "loss": self.loss_fn(logits, self.loss_target(soft))}
         with torch.no_grad():
             # Both sides without background: "which object class is this region", as the paper's
@@ -186,7 +191,7 @@ class MRCKLTask(_RegionClassTask):
     default_loss = {"type": "kl_div"}
 
     def loss_count(self, batch: VLBatch) -> torch.Tensor:
-        return batch.img_masked.sum() * batch.soft_labels.shape[-1]  # KL: mean over regions x classes
+        return batch.img_masked.sum() * int(self.info.num_labels)  # KL: mean over regions x classes
 
     def loss_target(self, soft: torch.Tensor) -> torch.Tensor:
         return soft

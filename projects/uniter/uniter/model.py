@@ -74,6 +74,10 @@ class UniterModel(VLEncoder):
         img_dim: int = 2048,
         init_std: float = 0.02,
         gradient_checkpointing: bool = False,
+        varlen: str = "cuda",
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        length_multiple: int = 1,
         pretrained: str | None = None,
     ):
         super().__init__()
@@ -94,6 +98,10 @@ class UniterModel(VLEncoder):
             hidden_dropout=hidden_dropout,
             attention_dropout=attention_dropout,
             gradient_checkpointing=gradient_checkpointing,
+            varlen=varlen,
+            compile=compile,
+            compile_backend=compile_backend,
+            length_multiple=length_multiple,
         )
         self.pooler = nn.Linear(hidden_size, hidden_size)
         init_bert_weights(self, std=init_std)
@@ -109,6 +117,10 @@ class UniterModel(VLEncoder):
         from projects.uniter.uniter.convert import load_pretrained
 
         return load_pretrained(self, path)
+
+    def runs_real_units(self, device: torch.device | str) -> bool:
+        """Whether a batch on ``device`` costs its real units (packed encoder), not padded ones."""
+        return self.encoder.uses_varlen(device)
 
     def tie_targets(self) -> dict[str, nn.Module]:
         # The modules tied heads reuse (the model stays their single owner).
