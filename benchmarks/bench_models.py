@@ -39,8 +39,8 @@ def main() -> None:
         cfg = load_and_validate(path, args.overrides)
         with tempfile.TemporaryDirectory() as work_dir:
             trainer = Trainer(cfg, work_dir=work_dir)
-            params = sum(p.numel() for p in trainer.model.parameters())
-            print(f"{path}: {type(trainer.model).__name__}, {params / 1e6:.2f}M parameters")
+            params = sum(p.numel() for p in trainer.model.encoder.parameters())
+            print(f"{path}: {type(trainer.model.encoder).__name__}, {params / 1e6:.2f}M parameters")
             cpu_ms, mix = {}, {name: float(node.get("mix", 1.0)) for name, node in cfg.tasks.items()}
             for task in cfg.tasks:
                 cpu, wall = [], []

@@ -53,7 +53,7 @@ def _trainer(synth_cache, tmp_path, task: str, *extra) -> Trainer:
 
 
 def _params(t: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in t.module.state_dict().items()}
+    return {k: v.clone() for k, v in t.model.state_dict().items()}
 
 
 def test_amp_auto_chooses_by_device(monkeypatch):
@@ -118,7 +118,7 @@ def test_nan_losses_skip_steps_then_stop_the_run(amp, synth_cache, tmp_path, cap
     at4 = ckpt.load(str(tmp_path / "two" / "checkpoints" / "ckpt_0000004.pt"))["model"]
     for k, v in at2.items():
         assert torch.equal(v, at4[k]), f"a NaN step changed {k}"
-    assert all(torch.isfinite(v).all() for v in t.module.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in t.model.state_dict().values())
     if amp == "fp16":
         assert t.scaler.get_scale() == 65536.0 / 4
     # Three in a row (steps 3, 4, 5): the run stops, naming the step and the task.

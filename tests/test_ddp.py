@@ -111,10 +111,10 @@ def _common(cache: str) -> list[str]:
 
 def _train_worker(rank: int, overrides: list[str], work_dir: str, out_dir: str) -> None:
     t = _trainer(overrides, work_dir)
-    assert t.ddp is not t.module, "the trainer did not join the process group"
+    assert t._wrapped is not t.model, "the trainer did not join the process group"
     val = t.train()
     counts = {name: len(s) for name, s in t.val_streams.items()}
-    torch.save({"params": _params(t.module), "val": val, "val_batches": counts},
+    torch.save({"params": _params(t.model), "val": val, "val_batches": counts},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -124,7 +124,7 @@ def one_process(synth_cache, tmp_path_factory):
     work = tmp_path_factory.mktemp("one")
     t = _trainer(_common(synth_cache) + ["train.grad_accum=2"], str(work))
     val = t.train()
-    return {"params": _params(t.module), "val": val, "val_batches": {n: len(s) for n, s in t.val_streams.items()}}
+    return {"params": _params(t.model), "val": val, "val_batches": {n: len(s) for n, s in t.val_streams.items()}}
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_two_ranks_equal_one_process_over_the_same_global_batch(synth_cache, one
     # The comparison can fail: one process seeing only rank 0's batches ends elsewhere.
     alone = _trainer(_common(synth_cache), str(tmp_path / "alone"))
     alone.train()
-    assert _max_diff(_params(alone.module), r0["params"]) > 1e-3
+    assert _max_diff(_params(alone.model), r0["params"]) > 1e-3
 
     # Validation: each example once over both ranks, unequal batch counts, metrics all-reduced.
     assert {n: r0["val_batches"][n] + r1["val_batches"][n] for n in r0["val_batches"]} == one_process["val_batches"]
@@ -186,7 +186,7 @@ _REGIONS = ("img_feat", "img_pos", "img_mask", "soft_labels", "img_masked")
 def _big_batch(trainer: Trainer, task: str):
     ds = trainer.train_set
     examples = [ds[i] for i in range(3, 3 + 16 * 5, 5)]
-    return trainer.module.tasks[task].collate(examples, generator=torch.Generator().manual_seed(5), dataset=ds)
+    return trainer.model.tasks[task].collate(examples, generator=torch.Generator().manual_seed(5), dataset=ds)
 
 
 def _slice(batch, lo: int, hi: int):
@@ -214,7 +214,7 @@ def _accum_worker(rank: int, overrides: list[str], out_dir: str) -> None:
     for task in ("itm", "mlm"):
         big = _big_batch(t, task)
         t.train_step(task, [_slice(big, lo, hi) for lo, hi in SPLITS[rank]])
-        out[task] = _params(t.module)
+        out[task] = _params(t.model)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -231,15 +231,15 @@ def test_accumulation_under_ddp_equals_one_big_batch(synth_cache, tmp_path):
     _run_ranks(_accum_worker, overrides, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref = _trainer(overrides, str(tmp_path / "ref"))
-    before = _params(ref.module)
+    before = _params(ref.model)
     for task in ("itm", "mlm"):
         big = _big_batch(ref, task)
-        counts = [int(ref.module.tasks[task].loss_count(_slice(big, lo, hi))) for r in SPLITS for lo, hi in r]
-        assert sum(counts) == int(ref.module.tasks[task].loss_count(big)) and len(set(counts)) == 4, counts
+        counts = [int(ref.model.tasks[task].loss_count(_slice(big, lo, hi))) for r in SPLITS for lo, hi in r]
+        assert sum(counts) == int(ref.model.tasks[task].loss_count(big)) and len(set(counts)) == 4, counts
         if task == "mlm":  # masked words, not examples: the default count would be wrong here
             assert counts != [hi - lo for r in SPLITS for lo, hi in r], counts
         ref.train_step(task, [big])
-        after = _params(ref.module)
+        after = _params(ref.model)
         for r in ranks:
             _assert_close(r[task], after, 1e-6, f"{task}: 2 ranks x 2 micro-batches vs one batch",
                           relative=True)
@@ -256,11 +256,11 @@ def test_accumulation_weights_by_masked_elements_in_one_process(synth_cache, tmp
     a, b = _trainer(overrides, str(tmp_path / "a")), _trainer(overrides, str(tmp_path / "b"))
     for task in ("mrfr", "mrc", "mrc_kl"):
         big = _big_batch(a, task)
-        counts = [int(a.module.tasks[task].loss_count(_slice(big, lo, hi))) for r in SPLITS for lo, hi in r]
+        counts = [int(a.model.tasks[task].loss_count(_slice(big, lo, hi))) for r in SPLITS for lo, hi in r]
         assert len(set(counts)) > 1, counts
         a.train_step(task, [_slice(big, lo, hi) for r in SPLITS for lo, hi in r])
         b.train_step(task, [big])
-        _assert_close(_params(a.module), _params(b.module), 1e-6, task, relative=True)
+        _assert_close(_params(a.model), _params(b.model), 1e-6, task, relative=True)
 
 
 # ------------------------------------------------------------------------------ kill and resume
@@ -272,7 +272,7 @@ class _Recorder(Hook):
         self.masks: dict[int, list[torch.Tensor]] = {}
         self._current: list[torch.Tensor] = []
         self.states: dict[int, tuple] = {}
-        for m in trainer.module.modules():
+        for m in trainer.model.modules():
             if isinstance(m, nn.Dropout):
                 m.register_forward_hook(self._keep)
 
@@ -294,7 +294,7 @@ def _resume_worker(rank: int, overrides: list[str], work_dir: str, out: str, kil
     rec = _Recorder(t, kill_at)
     t.hooks.append(rec)
     t.train()
-    torch.save({"masks": rec.masks, "states": rec.states, "params": _params(t.module)}, f"{out}{rank}.pt")
+    torch.save({"masks": rec.masks, "states": rec.states, "params": _params(t.model)}, f"{out}{rank}.pt")
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_amp_paths_run(amp, synth_cache, tmp_path):
     trainer = Trainer(cfg, work_dir=str(tmp_path))
     assert trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     assert trainer.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
-    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for _ in range(3):
         for task in ("mlm", "itm", "mrfr", "mrc_kl"):
             logs = trainer.train_step(task, [trainer.streams[task].next()])
@@ -57,6 +57,6 @@ def test_amp_paths_run(amp, synth_cache, tmp_path):
             # fp16: an overflowing step is skipped by the scaler, which lowers its scale instead.
     if amp == "fp16":
         assert trainer.scaler.get_scale() < 65536.0
-    changed = sum(not torch.equal(v, before[k]) for k, v in trainer.module.state_dict().items())
+    changed = sum(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     assert changed > 10
-    assert all(p.dtype == torch.float32 for p in trainer.module.parameters()), "master weights stay fp32"
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters()), "master weights stay fp32"

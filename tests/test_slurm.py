@@ -53,7 +53,7 @@ class SaveRankParams(Hook):
 
     def after_train(self, trainer):
         rank = int(os.environ.get("RANK", "0"))
-        state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
         torch.save(state, os.path.join(trainer.work_dir, f"params_rank{rank}.pt"))
 '''
 
@@ -319,7 +319,7 @@ def test_two_task_job_ends_with_identical_parameters_on_both_ranks(slurm, user_h
     for k in p0:
         assert torch.equal(p0[k], p1[k]), f"{k} differs between the ranks"
         torch.testing.assert_close(saved[k], p0[k])  # what rank 0 checkpointed
-    ref = one.module.state_dict()
+    ref = one.model.state_dict()
     worst = max(float((p0[k].float() - ref[k].float()).abs().max()) for k in p0)
     assert worst <= 1e-5, f"2 ranks vs 1 process with grad_accum=2: max difference {worst:.3g}"
 

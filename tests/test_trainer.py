@@ -25,9 +25,9 @@ def test_accumulation_equals_one_big_batch(synth_cache, tmp_path):
     no_dropout = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.warmup_steps=0"]
     a = _trainer(synth_cache, tmp_path / "a", *no_dropout, "train.grad_accum=3")
     b = _trainer(synth_cache, tmp_path / "b", *no_dropout, "train.grad_accum=1")
-    b.module.load_state_dict(a.module.state_dict())
-    before = copy.deepcopy(a.module.state_dict())
-    task = a.module.tasks["itm"]  # CE mean + 0.1 * OT sums / batch: per-example terms, so exact
+    b.model.load_state_dict(a.model.state_dict())
+    before = copy.deepcopy(a.model.state_dict())
+    task = a.model.tasks["itm"]  # CE mean + 0.1 * OT sums / batch: per-example terms, so exact
     ds = a.train_set
     examples = [ds[i] for i in range(0, 60, 5)]
     g = torch.Generator().manual_seed(0)
@@ -49,8 +49,8 @@ def test_accumulation_equals_one_big_batch(synth_cache, tmp_path):
     a.train_step("itm", micro)
     b.train_step("itm", [big])
     moved = 0
-    for k, v in a.module.state_dict().items():
-        assert torch.allclose(v, b.module.state_dict()[k], atol=1e-6, rtol=0), k
+    for k, v in a.model.state_dict().items():
+        assert torch.allclose(v, b.model.state_dict()[k], atol=1e-6, rtol=0), k
         moved += int(not torch.equal(v, before[k]))
     assert moved > 10, "the step changed (almost) nothing: the test would prove nothing"
 
@@ -67,8 +67,8 @@ def test_resume_continues_exactly(synth_cache, tmp_path):
     resumed.train()
     assert resumed.step == 6
     assert resumed.hooks[0].counts == full.hooks[0].counts
-    for k, v in full.module.state_dict().items():
-        assert torch.equal(v, resumed.module.state_dict()[k]), k
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
     for name in full.streams:
         assert full.streams[name].state_dict() == resumed.streams[name].state_dict()
 
@@ -107,9 +107,9 @@ def test_optimizer_groups_exclude_bias_and_layernorm(synth_cache, tmp_path):
     t = _trainer(synth_cache, tmp_path)
     decay, plain = t.optimizer.param_groups
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
-    ln = t.model.text_embed.norm
+    ln = t.model.encoder.text_embed.norm
     plain_ids = {id(p) for p in plain["params"]}
     assert id(ln.weight) in plain_ids and id(ln.bias) in plain_ids
-    assert id(t.model.pooler.bias) in plain_ids and id(t.model.pooler.weight) not in plain_ids
-    n_all = sum(1 for _ in t.module.parameters())
+    assert id(t.model.encoder.pooler.bias) in plain_ids and id(t.model.encoder.pooler.weight) not in plain_ids
+    n_all = sum(1 for _ in t.model.parameters())
     assert len(decay["params"]) + len(plain["params"]) == n_all  # tied weights counted once

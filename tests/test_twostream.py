@@ -177,7 +177,7 @@ def test_every_pretraining_task_trains_two_steps(case, synth_cache, tmp_path):
     phases = "train.phases=[" + ", ".join(f"{{until_step: {2 * i + 2}, mix: {{{t}: 1}}}}" for i, t in enumerate(TASKS)) + "]"
     cfg = load_and_validate(CONFIG, _two_step_overrides(synth_cache) + [tasks, phases, f"train.max_steps={2 * len(TASKS)}"])
     trainer = Trainer(cfg, work_dir=str(tmp_path))
-    assert type(trainer.model).__name__ == "TwoStreamModel"
+    assert type(trainer.model.encoder).__name__ == "TwoStreamModel"
     metrics = trainer.train()
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

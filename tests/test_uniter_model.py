@@ -114,7 +114,7 @@ def test_trainer_init_from_bert_checkpoint(synth_cache, tmp_path, capsys):
         "train.max_steps=0", "data.val=null", f"train.init_from={minilm_dir()}"]
     trainer = Trainer(load_and_validate("configs/uniter/pretrain_tiny_synth.yaml", over), work_dir=str(tmp_path))
     trainer.train()
-    _assert_text_path_equals_bert(trainer.model, _minilm_reference())
+    _assert_text_path_equals_bert(trainer.model.encoder, _minilm_reference())
     printed = capsys.readouterr().out
     assert "newly initialised: img_embed.feat_proj.weight" in printed and " 0 unused" in printed
     assert printed.splitlines()[0] in (tmp_path / "init_report.txt").read_text()

@@ -23,7 +23,7 @@ def test_readme_head_example_trains(synth_cache, tmp_path):
                                        "tasks.itm.metrics=[{type: accuracy, name: itm_acc}]"],
     )
     trainer = Trainer(cfg, work_dir=str(tmp_path))
-    head = trainer.module.tasks["itm"].head
+    head = trainer.model.tasks["itm"].head
     assert type(head).__name__ == "MLPITMHead" and type(head).__module__ == "examples.my_project.mlp_itm_head"
     # Sizes came from the model (hidden 32 in the tiny overrides) and the task (2 classes).
     assert head.net[0].in_features == 32 and head.net[-1].out_features == 2 and head.net[0].out_features == 256
@@ -36,7 +36,7 @@ def test_readme_head_example_trains(synth_cache, tmp_path):
 def test_span_masker_from_config_trains(synth_cache, tmp_path):
     cfg = load_and_validate(os.path.join(EXAMPLES, "pretrain_span_mlm.yaml"), tiny_overrides(synth_cache) + ["train.max_steps=2"])
     trainer = Trainer(cfg, work_dir=str(tmp_path))
-    task = trainer.module.tasks["mlm"]
+    task = trainer.model.tasks["mlm"]
     assert type(task.masker).__name__ == "SpanMasker" and task.masker.span == 3
     # The batches the loader makes carry spans: per example the masked words are contiguous.
     batch = trainer.streams["mlm"].next()

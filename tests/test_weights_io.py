@@ -30,7 +30,7 @@ def source(synth_cache, tmp_path_factory):
     work = tmp_path_factory.mktemp("source")
     t = _trainer(synth_cache, work, "seed=1")
     t.train()
-    return str(work / "checkpoints" / "ckpt_0000000.pt"), {k: v.clone() for k, v in t.module.state_dict().items()}
+    return str(work / "checkpoints" / "ckpt_0000000.pt"), {k: v.clone() for k, v in t.model.state_dict().items()}
 
 
 def _same(state, module):
@@ -50,9 +50,9 @@ def test_export_then_init_from_safetensors(source, synth_cache, tmp_path):
 
     assert set(load_file(str(out))) == set(state)
     t = _trainer(synth_cache, tmp_path / "run", "seed=2", f"train.init_from={out}")
-    assert not torch.equal(t.module.state_dict()["model.pooler.weight"], state["model.pooler.weight"])  # another init
+    assert not torch.equal(t.model.state_dict()["model.pooler.weight"], state["model.pooler.weight"])  # another init
     t.train()
-    _same(state, t.module)
+    _same(state, t.model)
     assert f"initialised from {out}: {len(state)} keys copied, 0 newly initialised, 0 unused" in (tmp_path / "run" / "init_report.txt").read_text()
 
 
@@ -108,7 +108,7 @@ def test_init_from_over_http(http_root, source, synth_cache, tmp_path):
     (root / "ckpt.pt").write_bytes(open(ckpt, "rb").read())
     t = _trainer(synth_cache, tmp_path / "run", "seed=3", f"train.init_from={url}/ckpt.pt")
     t.train()
-    _same(state, t.module)
+    _same(state, t.model)
     # A missing remote file is refused before data and model are built, naming the key and URL.
     with pytest.raises(ValueError, match=f"^train.init_from: {url}/nothing.pt: cannot fetch {url}/nothing.pt: HTTPError"):
         _trainer(synth_cache, tmp_path / "run2", f"train.init_from={url}/nothing.pt")

@@ -51,12 +51,17 @@ log = logging.getLogger("vlframe")
 
 
 class VLModule(nn.Module):
-    """The model plus every task's heads, so one DDP wrapper and one optimizer cover both."""
+    """The encoder plus every task's heads, so one DDP wrapper and one optimizer cover both.
+    State-dict keys: ``model.*`` (the encoder, as the config's ``model:``), ``tasks.<name>.*``."""
 
     def __init__(self, model: nn.Module, tasks: dict[str, nn.Module]):
         super().__init__()
         self.model = model
         self.tasks = nn.ModuleDict(tasks)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model
 
     def forward(self, task: str, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.tasks[task](self.model, batch)
@@ -189,15 +194,15 @@ class Trainer:
         self.train_set = build(cfg.data.train, DATASETS, where="data.train")
         self.val_set = build(cfg.data.val, DATASETS, where="data.val") if cfg.data.get("val") else None
         info = DataInfo.from_dataset(self.train_set)
-        self.model = build(cfg.model, MODELS, where="model")
-        if not isinstance(self.model, VLEncoder):
-            raise TypeError(f"model: {type(self.model).__name__} does not implement vlframe.models.VLEncoder")
-        check_text_positions(self.model, {"data.train": self.train_set, "data.val": self.val_set})
-        if self.model.init_report is not None:  # the model read model.pretrained
-            self._report_init(self.model.init_report)
-        if self.model.spec.feat_dim != info.feat_dim:
+        encoder = build(cfg.model, MODELS, where="model")
+        if not isinstance(encoder, VLEncoder):
+            raise TypeError(f"model: {type(encoder).__name__} does not implement vlframe.models.VLEncoder")
+        check_text_positions(encoder, {"data.train": self.train_set, "data.val": self.val_set})
+        if encoder.init_report is not None:  # the model read model.pretrained
+            self._report_init(encoder.init_report)
+        if encoder.spec.feat_dim != info.feat_dim:
             raise ValueError(
-                f"model: reads region features of size {self.model.spec.feat_dim}, but the region store of "
+                f"model: reads region features of size {encoder.spec.feat_dim}, but the region store of "
                 f"data.train has feat_dim={info.feat_dim}"
             )
         tasks, mix = {}, {}
@@ -205,12 +210,12 @@ class Trainer:
             node = OmegaConf.to_container(node, resolve=True)
             mix[name] = node.pop("mix", 1.0)
             tasks[name] = build(node, TASKS, where=f"tasks.{name}")
-            tasks[name].setup(model=self.model, info=info, where=f"tasks.{name}")
-        self.module = VLModule(self.model, tasks).to(self.device)
+            tasks[name].setup(model=encoder, info=info, where=f"tasks.{name}")
+        self.model = VLModule(encoder, tasks).to(self.device)
         phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
         self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
         sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)
-        real_units = self.model.runs_real_units(self.device)  # a packed encoder: budget real units
+        real_units = encoder.runs_real_units(self.device)  # a packed encoder: budget real units
         self.streams = {
             name: TaskStream(
                 dataset=self.train_set,
@@ -242,15 +247,15 @@ class Trainer:
 
         # Optimisation.
         self.optimizer = build_optimizer(
-            self.module, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps
+            self.model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps
         )
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps)
         self.amp_dtype = resolve_amp(tc.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ddp = self.module
+        self._wrapped = self.model  # what train_step calls: the model itself, or its DDP wrapper
         if D.is_dist():
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.module,
+            self._wrapped = nn.parallel.DistributedDataParallel(
+                self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,  # each step trains one task: other heads get no grad
             )
@@ -267,7 +272,7 @@ class Trainer:
     def train_step(self, task: str, micro_batches: list[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``micro_batches`` of ``task``; returns the logs as device
         tensors (read on the host only at the log interval: no sync per step)."""
-        self.ddp.train()
+        self._wrapped.train()
         k = len(micro_batches)
         logs: dict[str, torch.Tensor] = {}
         weights = self._loss_weights(task, micro_batches)
@@ -275,9 +280,9 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             last = i == k - 1
             # Skip the gradient all-reduce on all but the last micro-step.
-            sync = contextlib.nullcontext() if last or not D.is_dist() else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if last or not D.is_dist() else self._wrapped.no_sync()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                loss, micro_logs = self.ddp(task, batch.to(self.device, non_blocking=True))
+                loss, micro_logs = self._wrapped(task, batch.to(self.device, non_blocking=True))
                 self.scaler.scale(loss * weights[i]).backward()
             finite.append(torch.isfinite(loss.detach()))
             for key, v in micro_logs.items():
@@ -287,7 +292,7 @@ class Trainer:
         bad = D.any_rank(~torch.stack(finite).all())
         self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_grad:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad)
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
         if bad:
             self._bad_step(task)  # no optimizer step; under fp16 the scaler's update lowers the scale
         else:
@@ -305,7 +310,7 @@ class Trainer:
         ``world_size`` factor undoes, so the optimizer sees ``sum_i n_i / N * grad(mean_i)``
         = the gradient of ``sum of all N elements' losses / N``: one batch holding everything.
         With equal counts this is the plain ``1 / K``."""
-        t = self.module.tasks[task]
+        t = self.model.tasks[task]
         counts = torch.stack([
             torch.as_tensor(t.loss_count(b), dtype=torch.float64, device=self.device) for b in micro_batches
         ])
@@ -388,11 +393,11 @@ class Trainer:
         """Every task's metrics (``tasks.<name>.metrics``) over the validation split, reduced
         across ranks: batch metrics see every batch's ``task.evaluate`` outputs; dataset metrics
         (e.g. retrieval) score the split themselves on rank 0."""
-        self.module.eval()
+        self.model.eval()
         out: dict[str, float] = {}
         limit = int(self.cfg.train.get("val_batches", 0) or 0)
         for name, stream in self.val_streams.items():
-            task = self.module.tasks[name]
+            task = self.model.tasks[name]
             batch_metrics = [m for m in task.metrics if not isinstance(m, DatasetMetric)]
             for m in batch_metrics:
                 m.reset()
@@ -400,7 +405,7 @@ class Trainer:
                 if limit and i >= limit:
                     break
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    outputs = task.evaluate(self.model, batch.to(self.device))
+                    outputs = task.evaluate(self.model.encoder, batch.to(self.device))
                 for m in batch_metrics:
                     m.update(outputs)
             for m in batch_metrics:
@@ -408,11 +413,11 @@ class Trainer:
             if D.is_main():
                 for m in task.metrics:
                     if isinstance(m, DatasetMetric):
-                        res = m.evaluate(task=task, model=self.model, dataset=self.val_set, device=self.device)
+                        res = m.evaluate(task=task, model=self.model.encoder, dataset=self.val_set, device=self.device)
                         out.update({f"val/{name}/{k}": v for k, v in res.items()})
         for h in self.hooks:
             h.after_validation(self, out)
-        self.module.train()
+        self.model.train()
         return out
 
     # ----------------------------------------------------------------------------- state
@@ -426,7 +431,7 @@ class Trainer:
         ranks = D.gather_to_main(self._rank_state())
         return {
             "step": self.step,
-            "model": self.module.state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -450,7 +455,7 @@ class Trainer:
                 f"{source}: written by a run of world size {saved}, this run has world size {D.world_size()}; "
                 f"resume with {saved} processes, or start a new run from its weights with train.init_from={source}"
             )
-        self.module.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -485,9 +490,9 @@ class Trainer:
         state = None if vio.isdir(path) else ckpt.load(path)
         weights = state["model"] if isinstance(state, dict) and "model" in state else state
         if isinstance(weights, dict) and any(k.startswith(("model.", "tasks.")) for k in weights):
-            report = ckpt.load_weights(self.module, weights, source=path)
+            report = ckpt.load_weights(self.model, weights, source=path)
         else:  # e.g. a BERT checkpoint: the model knows its layout (VLEncoder.load_pretrained)
-            report = self.model.load_pretrained(path)
+            report = self.model.encoder.load_pretrained(path)
         if not report.copied:
             raise ValueError(f"train.init_from: {path}: no key matches the model ({len(report.unused)} unused keys)")
         self._report_init(report)
