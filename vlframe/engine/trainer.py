@@ -211,7 +211,8 @@ class Trainer:
 
         # Optimisation.
         self.optimizer = build_optimizer(
-            self.module, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps
+            self.module, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps,
+            lr_mult=dict(tc.get("lr_mult") or {}),
         )
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps)
         self.amp_dtype = resolve_amp(tc.amp, self.device)
@@ -390,6 +391,8 @@ class Trainer:
         names match; the rest keep their fresh initialisation (logged)."""
         state = ckpt.load(path)
         weights = state["model"] if isinstance(state, dict) and "model" in state else state
+        for name, task in self.module.tasks.items():  # heads made from other heads' weights
+            weights = {**weights, **task.init_from_pretrained(weights, prefix=f"tasks.{name}.")}
         missing, unexpected = self.module.load_state_dict(weights, strict=False)
         log.info("initialised from %s (%d keys not in it, %d unused)", path, len(missing), len(unexpected))
 
