@@ -98,13 +98,14 @@ class RefExpAccuracy(Metric):
     region's box has IoU >= ``iou`` with the target box. Reads ``pred_gt``, ``pred_det`` [B],
     ``target_region`` [B], ``has_gt`` [B] bool, ``pred_box`` / ``target_box`` [B, 4]."""
 
-    def __init__(self, *, iou: float = 0.5, prefix: str = ""):
-        self.iou = iou
-        super().__init__(names=(prefix + "acc_gt", prefix + "acc_det"))
+    def __init__(self, *, iou: float = 0.5, gt: bool = True, prefix: str = ""):
+        self.iou, self.gt = iou, gt
+        super().__init__(names=((prefix + "acc_gt",) if gt else ()) + (prefix + "acc_det",))
 
     def update(self, outputs: Mapping[str, Any]) -> None:
-        has_gt = require(outputs, "has_gt", self)
-        hit_gt = (require(outputs, "pred_gt", self) == require(outputs, "target_region", self)) & has_gt
-        self.add(self.names[0], hit_gt.sum(), has_gt.sum())
+        if self.gt:  # data without ground-truth candidates: gt=False
+            has_gt = require(outputs, "has_gt", self)
+            hit_gt = (require(outputs, "pred_gt", self) == require(outputs, "target_region", self)) & has_gt
+            self.add(self.names[0], hit_gt.sum(), has_gt.sum())
         ious = box_iou(require(outputs, "pred_box", self), require(outputs, "target_box", self))
-        self.add(self.names[1], (ious >= self.iou).sum(), ious.numel())
+        self.add(self.names[-1], (ious >= self.iou).sum(), ious.numel())
