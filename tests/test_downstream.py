@@ -25,7 +25,8 @@ from vlframe.engine.trainer import Trainer
 from vlframe.metrics.downstream import NLVR2Consistency, RefExpAccuracy, VCRAccuracy, VQAScore
 from vlframe.metrics.retrieval import retrieval_recall, score_all_pairs
 
-FINETUNE = sorted(glob.glob(os.path.join(ROOT, "configs", "uniter", "finetune_*_tiny_synth.yaml")))
+FINETUNE = sorted(glob.glob(os.path.join(ROOT, "configs", "uniter", "finetune_*_tiny_synth.yaml"))) + [
+    os.path.join(ROOT, "configs", "uniter", "pretrain_vcr_tiny_synth.yaml")]
 WORLD = {"num_images": 120, "feat_dim": 32}
 
 

@@ -21,6 +21,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
+
 from vlframe.data.dataset import ImageTextDataset
 from vlframe.data.stores import DataQualityError, RegionStore, TextStore
 from vlframe.data.vqa_vocab import load_answer_vocab
@@ -55,10 +58,15 @@ class TaskDataset(ImageTextDataset):
     def __init__(self, *, task: str, region_store: str, text_store: str, answer_vocab: str | None = None,
                  max_text_len: int = 60, conf_threshold: float | None = 0.2, min_regions: int = 10,
                  max_regions: int = 100, fixed_regions: int | None = None, feat_dim: int | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, text: str = "record", soft_labels: bool = False):
         if task not in TASK_FIELDS:
             raise ValueError(f"task_text dataset: task must be one of {sorted(TASK_FIELDS)}, got {task!r}")
+        if text not in ("record", "vcr_qar") or (text == "vcr_qar" and task != "vcr"):
+            raise ValueError(f"task_text dataset: text must be 'record' or (task vcr) 'vcr_qar', got {text!r}")
         self.task = task
+        # vcr_qar: the text is question [SEP] right answer [SEP] right rationale (VCR's second-stage
+        # pretraining with MLM / MRFR / MRC-kl reads these, as the original)
+        self.text_mode = text
         text_store = os.fspath(text_store)
         texts = TextStore(text_store)
         regions = RegionStore(region_store, conf_threshold=conf_threshold, min_regions=min_regions,
@@ -95,8 +103,11 @@ class TaskDataset(ImageTextDataset):
             raise ValueError(f"task_text dataset ({task}): no record left in {text_store}")
         super().__init__(region_store=region_store, text_store=text_store, max_text_len=max_text_len,
                          conf_threshold=conf_threshold, min_regions=min_regions, max_regions=max_regions,
-                         fixed_regions=fixed_regions, feat_dim=feat_dim, txt_ids=keep, soft_labels=False,
+                         fixed_regions=fixed_regions, feat_dim=feat_dim, txt_ids=keep, soft_labels=soft_labels,
                          skip_bad=skip_bad)
+        if self.text_mode == "vcr_qar":
+            raw = [len(self._text(i)[1]) for i in range(len(self))]
+            self._text_len = np.minimum(np.array(raw, dtype=np.int64), self.max_text_len)
         if self.skipped_records:
             self.skipped = {**getattr(self, "skipped", {}), **self.skipped_records}
         self.answer_vocab: list[str] | None = None
@@ -105,6 +116,18 @@ class TaskDataset(ImageTextDataset):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"task_text dataset (vqa): no answer vocabulary at {path} (set answer_vocab)")
             self.answer_vocab = load_answer_vocab(path)
+
+    def _text(self, i: int):
+        rec, ids = super()._text(i)
+        if self.text_mode != "vcr_qar":
+            return rec, ids
+        x = rec.extra
+        parts = [ids] + [torch.tensor(list(x[k][int(x[lab])]) + [self._sep], dtype=torch.long)
+                         for k, lab in (("answer_choices", "answer_label"), ("rationale_choices", "rationale_label"))]
+        joined = torch.cat(parts)
+        if len(joined) > self.max_text_len:  # cut the end, keep the final [SEP]
+            joined = torch.cat([joined[: self.max_text_len - 1], joined[-1:]])
+        return rec, joined
 
     @property
     def num_answers(self) -> int | None:
@@ -121,7 +144,8 @@ class SyntheticTaskDataset(TaskDataset):
                  num_images: int = 2000, val_fraction: float = 0.1, feat_dim: int = 256,
                  captions_per_image: int = 5, domains: Sequence[str] = ("in", "out"), out_fraction: float = 0.3,
                  regions_range: Sequence[int] = (10, 40), dup_prob: float = 0.5, max_text_len: int = 60,
-                 conf_threshold: float | None = 0.2, min_regions: int = 10, max_regions: int = 100):
+                 conf_threshold: float | None = 0.2, min_regions: int = 10, max_regions: int = 100,
+                 text: str = "record", soft_labels: bool = False):
         from vlframe.data.synthetic import ensure_world
         from vlframe.data.synthetic_tasks import ensure_task_sets, task_store
 
@@ -136,7 +160,7 @@ class SyntheticTaskDataset(TaskDataset):
         super().__init__(task=task, region_store=os.path.join(self.world_dir, "regions"),
                          text_store=task_store(self.world_dir, task, split), max_text_len=max_text_len,
                          conf_threshold=conf_threshold, min_regions=min_regions, max_regions=max_regions,
-                         feat_dim=feat_dim)
+                         feat_dim=feat_dim, text=text, soft_labels=soft_labels)
 
     def oracle(self) -> dict[str, Any]:
         from vlframe.data.synthetic_tasks import load_oracle

@@ -33,11 +33,8 @@ a learned model is judged against) and the chance level, on the val split.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from typing import Any
 
@@ -45,7 +42,9 @@ import numpy as np
 import torch
 
 from vlframe.data.stores import TextStoreWriter
-from vlframe.data.synthetic import COLOURS, NUMBERS, PLURALS, TOKENIZER_NAME, _centre, _relation, load_scenes
+from vlframe.data.synthetic import (
+    COLOURS, NUMBERS, PLURALS, TOKENIZER_NAME, _centre, _relation, load_scenes, make_once,
+)
 from vlframe.data.vqa_vocab import answer_scores, save_answer_vocab
 from vlframe.metrics.downstream import box_iou
 
@@ -409,22 +408,5 @@ def generate_task_sets(world_dir: str, out_dir: str, *, domain: str = "in", seed
 def ensure_task_sets(world_dir: str) -> str:
     """The task sets of ``world_dir`` (generated once under a lock, atomically); returns their folder."""
     final = os.path.join(world_dir, "tasks", f"v{TASKS_FORMAT_VERSION}")
-    if os.path.isfile(os.path.join(final, "oracle.json")):
-        return final
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with open(final + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if os.path.isfile(os.path.join(final, "oracle.json")):
-                return final
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            tmp = tempfile.mkdtemp(prefix=".tasks-tmp-", dir=os.path.dirname(final))
-            try:
-                generate_task_sets(world_dir, os.path.join(tmp, "t"))
-                os.rename(os.path.join(tmp, "t"), final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return final
+    return make_once(final, marker="oracle.json", generate=lambda out: generate_task_sets(world_dir, out),
+                     tmp_prefix=".tasks-tmp-")

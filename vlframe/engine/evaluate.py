@@ -14,10 +14,12 @@ benchmark scores (in %) a run has.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -138,12 +140,11 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, *, out_dir: str, split
         for m in task.metrics:
             if isinstance(m, DatasetMetric):
                 kwargs = {}
-                if "block_dir" in m.evaluate.__code__.co_varnames:
+                if "block_dir" in inspect.signature(m.evaluate).parameters:  # resumable, sharded scoring
                     blocks = os.path.join(out_dir, f"blocks_{name}")
                     if not resume_blocks and D.is_main() and os.path.isdir(blocks):
-                        import shutil
-
                         shutil.rmtree(blocks)
+                    D.barrier()
                     kwargs = {"block_dir": blocks, "fingerprint": f"{os.path.abspath(checkpoint)}|{split}|{name}",
                               "rank": D.rank(), "world_size": D.world_size()}
                 res = m.evaluate(task=task, model=model, dataset=dataset, device=dev, **kwargs)
