@@ -304,8 +304,9 @@ def test_tools_test_writes_official_formats(synth_cache, tmp_path):
         Trainer(cfg, work_dir=str(run)).train()
         out = str(tmp_path / f"test_{name}")
         if name == "itr":  # zero-shot, straight from the pretrained checkpoint
-            res = evaluate_checkpoint(cfg, ckpt, out_dir=out)
+            res = evaluate_checkpoint(cfg, ckpt, out_dir=out + "_zero_shot")
             assert res["protocol"]["zero_shot"] and res["protocol"]["zero_shot_heads"]["itr"]
+            assert set(res["metrics"]) >= {"itr/ir_r1", "itr/tr_r10"}
         res = evaluate_checkpoint(cfg, str(run / "checkpoints" / "ckpt_0000001.pt"), out_dir=out)
         with open(os.path.join(out, "metrics.json")) as f:
             saved = json.load(f)
