@@ -78,6 +78,8 @@ class TrainConfig:
     # (vlframe/engine/resume.py SAFE_ON_RESUME); otherwise such a resume is refused naming the keys
     resume_changed_config: bool = False
     init_from: str | None = None  # weights to start from (checkpoint path); None = fresh init
+    # learning-rate factor per parameter-name prefix, e.g. {tasks.vqa.head: 10} (the original's head lr x10)
+    lr_mult: dict[str, float] = field(default_factory=dict)
     progress: bool = True  # console progress bar
     # task-mix phases before the tasks' own mix applies, e.g. [{until_step: 600, mix: {itm: 1}}]:
     # a curriculum (the tiny from-scratch demo warms ITM+WRA up before the paper's mix)

@@ -89,6 +89,7 @@ class VLBatch:
     img_masked: torch.Tensor | None = None  # [B, K] bool: regions whose features the model zeroes
     token_type_ids: torch.Tensor | None = None  # [B, T] optional text token types (default 0)
     masked_soft_labels: torch.Tensor | None = None  # [n_masked, C]: soft_labels[img_masked] (module doc)
+    img_type_ids: torch.Tensor | None = None  # [B, K] optional region token types (default 1)
     targets: dict[str, Any] = field(default_factory=dict)  # task targets (tensors or python values)
     txt_ids: list[str] = field(default_factory=list)
     img_ids: list[str] = field(default_factory=list)
@@ -108,6 +109,8 @@ class VLBatch:
 
         def move(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
+                return x.to(device, non_blocking=non_blocking)
+            if isinstance(x, VLBatch):  # a task's extra batch (e.g. retrieval's sampled negatives)
                 return x.to(device, non_blocking=non_blocking)
             if isinstance(x, dict):
                 return {k: move(v) for k, v in x.items()}

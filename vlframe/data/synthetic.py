@@ -495,19 +495,27 @@ def ensure_world(cache_dir: str | None = None, **params: Any) -> str:
         raise ValueError("ensure_world: 'overwrite' is not accepted; delete the cached folder instead")
     cache_dir = os.path.expanduser(os.fspath(cache_dir)) if cache_dir else default_cache_dir()
     final = os.path.join(cache_dir, world_dir_name(**params))
-    if os.path.isfile(os.path.join(final, "meta.json")):
+    return make_once(final, marker="meta.json", generate=lambda out: generate_world(out, **params))
+
+
+def make_once(final: str, *, marker: str, generate: Any, tmp_prefix: str = ".synth-tmp-") -> str:
+    """``final`` made by ``generate(folder)`` once: atomically (written beside it, then renamed) and
+    under a file lock, so parallel tests and DDP ranks do not race; a folder without its
+    ``marker`` file (written last) is a leftover and is made again."""
+    if os.path.isfile(os.path.join(final, marker)):
         return final
-    os.makedirs(cache_dir, exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
     with open(final + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if os.path.isfile(os.path.join(final, "meta.json")):  # another process made it meanwhile
+            if os.path.isfile(os.path.join(final, marker)):  # another process made it meanwhile
                 return final
-            if os.path.exists(final):  # a leftover without meta.json is not a world
+            if os.path.exists(final):
                 shutil.rmtree(final)
-            tmp = tempfile.mkdtemp(prefix=".synth-tmp-", dir=cache_dir)
+            tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
             try:
-                generate_world(os.path.join(tmp, "w"), **params)
+                generate(os.path.join(tmp, "w"))
                 os.rename(os.path.join(tmp, "w"), final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -293,14 +293,26 @@ class WeightsReport:
         return "\n".join(lines)
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
 def load_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, source: str) -> WeightsReport:
     """Copy ``weights`` into ``module`` by name (the rest stay as initialised). A shape
     mismatch is an error naming the key and both shapes."""
     own = module.state_dict()
-    for k, v in weights.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{source}: {k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
-    module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    sub = {k: v for k, v in weights.items() if k in own}
+    try:
+        # The module's load hooks run first (e.g. a token-type table grown after pretraining
+        # makes its new rows from the checkpoint's); what still differs is a size mismatch.
+        module.load_state_dict(dict(sub), strict=False)
+    except RuntimeError as e:
+        m = _SIZE_MISMATCH.search(str(e))
+        if m is None:
+            raise
+        shape = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+        raise ValueError(f"{source}: {m.group(1)}: checkpoint shape {shape(m.group(2))} != "
+                         f"model shape {shape(m.group(3))}") from None
     return WeightsReport(
         source=source,
         copied=sorted(k for k in weights if k in own),

@@ -247,7 +247,8 @@ class Trainer:
 
         # Optimisation.
         self.optimizer = build_optimizer(
-            self.model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps
+            self.model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), eps=tc.eps,
+            lr_mult=dict(tc.get("lr_mult") or {}),
         )
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps)
         self.amp_dtype = resolve_amp(tc.amp, self.device)
@@ -490,6 +491,8 @@ class Trainer:
         state = None if vio.isdir(path) else ckpt.load(path)
         weights = state["model"] if isinstance(state, dict) and "model" in state else state
         if isinstance(weights, dict) and any(k.startswith(("model.", "tasks.")) for k in weights):
+            for name, task in self.model.tasks.items():  # heads made from other heads' weights
+                weights = {**weights, **task.init_from_pretrained(weights, prefix=f"tasks.{name}.")}
             report = ckpt.load_weights(self.model, weights, source=path)
         else:  # e.g. a BERT checkpoint: the model knows its layout (VLEncoder.load_pretrained)
             report = self.model.encoder.load_pretrained(path)

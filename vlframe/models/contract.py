@@ -10,6 +10,7 @@ against a model. UNITER (single stream) and a two-stream encoder both implement 
 - ``model.tie_targets()``: the modules a head may tie its output layer to, under the names of
   :data:`TIE_TARGETS`. A tied head names its target in its class attribute ``tie_to``; the task
   calls ``head.bind(targets[head.tie_to])`` after building it (:func:`vlframe.modules.heads.build_head`).
+- ``model.add_token_type(name, like=)``: optional, for tasks with extra input segments.
 - Region masking: a region with ``batch.img_masked`` True must not show its features to the
   encoder (UNITER zeroes them and adds a learned mask vector); maskers set the field, the model
   honours it.
@@ -74,3 +75,10 @@ class VLEncoder(nn.Module):
             f"{path}: not a vlframe checkpoint (no model.* keys), and {type(self).__name__} reads no other layout "
             f"(it defines no load_pretrained)"
         )
+    def add_token_type(self, name: str, *, like: str) -> int:
+        """Optional: a new input type (modality/segment embedding) ``name`` initialised from the
+        ``like`` type ('text' or 'image'); returns its id for ``batch.token_type_ids`` /
+        ``batch.img_type_ids``. Asking again for a known ``name`` returns the same id. A checkpoint
+        of the model before the extension still loads (the new rows are made from it). Tasks with
+        extra segments (NLVR2's second image, VCR's answer and rationale) call it in ``setup``."""
+        raise TypeError(f"{type(self).__name__} has no token-type table to extend (needed by {name!r})")

@@ -29,7 +29,7 @@ from torch import nn
 from vlframe.registry import MODELS, build, lookup
 
 #: Keyword arguments a task fills in from the model's spec and the data; optional in configs.
-HEAD_SIZE_KWARGS: tuple[str, ...] = ("hidden_size", "vocab_size", "feat_dim", "num_classes")
+HEAD_SIZE_KWARGS: tuple[str, ...] = ("hidden_size", "vocab_size", "feat_dim", "num_classes", "num_candidates")
 
 
 class Transform(nn.Module):
@@ -148,6 +148,127 @@ class MLPHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(F.gelu(self.hidden(h))))
+
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _mlp(hidden_size: int, out_size: int, *, mult: int, activation: str) -> nn.Sequential:
+    """Linear(H, mult*H) -> activation -> LayerNorm -> Linear(mult*H, out): the original's
+    downstream MLP (GELU for VQA / SNLI-VE, ReLU for VCR)."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    inner = mult * hidden_size
+    return nn.Sequential(nn.Linear(hidden_size, inner), _ACTIVATIONS[activation](), nn.LayerNorm(inner, eps=1e-12),
+                         nn.Linear(inner, out_size))
+
+
+@MODELS.register_module(name="PooledClassifierHead")
+class PooledClassifierHead(nn.Module):
+    """Classifier on the pooled output: MLP (``mult``, ``activation``) or, with ``mult=0``, one
+    Linear. VQA (3129 answers), SNLI-VE (3 classes), NLVR2 triplet (2): [B, num_classes]."""
+
+    def __init__(self, *, hidden_size: int, num_classes: int, mult: int = 2, activation: str = "gelu"):
+        super().__init__()
+        self.net = _mlp(hidden_size, num_classes, mult=mult, activation=activation) if mult else nn.Linear(
+            hidden_size, num_classes)
+
+    def forward(self, out: Any) -> torch.Tensor:
+        return self.net(out.pooled)
+
+
+@MODELS.register_module(name="CandidateScorerHead")
+class CandidateScorerHead(nn.Module):
+    """Multiple choice: the batch holds ``num_candidates`` consecutive sequences per question
+    (question + each candidate); MLP on each pooled output -> [B, num_candidates, num_classes].
+    The original VCR head (ReLU MLP, 2 classes "wrong"/"right", ranked by the "right" logit)."""
+
+    def __init__(self, *, hidden_size: int, num_candidates: int, num_classes: int = 2, mult: int = 2,
+                 activation: str = "relu"):
+        super().__init__()
+        self.num_candidates = num_candidates
+        self.net = _mlp(hidden_size, num_classes, mult=mult, activation=activation)
+
+    def forward(self, out: Any) -> torch.Tensor:
+        logits = self.net(out.pooled)
+        return logits.view(-1, self.num_candidates, logits.shape[-1])
+
+
+@MODELS.register_module(name="RegionScorerHead")
+class RegionScorerHead(nn.Module):
+    """One score per region (referring expressions): MLP (``mult`` > 0) or Linear(H, 1) on the
+    region states; padding regions get -1e4, as the original's non-object regions -> [B, K]."""
+
+    def __init__(self, *, hidden_size: int, mult: int = 1, activation: str = "gelu"):
+        super().__init__()
+        self.net = _mlp(hidden_size, 1, mult=mult, activation=activation) if mult else nn.Linear(hidden_size, 1)
+
+    def forward(self, out: Any) -> torch.Tensor:
+        scores = self.net(out.regions).squeeze(-1).float()
+        return scores.masked_fill(~out.region_mask, -1e4)
+
+
+class _AttentionPool(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf")).softmax(-1)
+        return (w.to(h.dtype)[..., None] * h).sum(1)
+
+
+@MODELS.register_module(name="PairScorerHead")
+class PairScorerHead(nn.Module):
+    """Two image-text sequences per example (NLVR2's pair settings), consecutive in the batch
+    (2B sequences -> B examples). ``fusion='pair'``: concat the two pooled outputs ->
+    Linear(2H, num_classes). ``'biattn'``: multi-head attention of each joint sequence over the
+    other (both directions, padding masked), a shared Linear(2H, H)+ReLU+Dropout on
+    [attended, own], shared attention pooling, concat -> Linear(2H, num_classes)."""
+
+    def __init__(self, *, hidden_size: int, num_classes: int = 2, fusion: str = "pair", num_heads: int = 4,
+                 dropout: float = 0.1):
+        super().__init__()
+        if fusion not in ("pair", "biattn"):
+            raise ValueError(f"fusion must be 'pair' or 'biattn', got {fusion!r}")
+        self.fusion = fusion
+        if fusion == "biattn":
+            self.attn_lr = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
+            self.attn_rl = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
+            self.fuse = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout))
+            self.pool = _AttentionPool(hidden_size)
+        self.out = nn.Linear(2 * hidden_size, num_classes)
+
+    def forward(self, out: Any) -> torch.Tensor:
+        if self.fusion == "pair":
+            p = out.pooled
+            return self.out(p.reshape(p.shape[0] // 2, -1))
+        if out.sequence is None:
+            raise ValueError("PairScorerHead(fusion='biattn') needs the joint sequence of a single-stream encoder")
+        seq, mask = out.sequence, out.sequence_mask
+        left, right, lm, rm = seq[0::2], seq[1::2], mask[0::2], mask[1::2]
+        l2r, _ = self.attn_lr(left, right, right, key_padding_mask=~rm, need_weights=False)
+        r2l, _ = self.attn_rl(right, left, left, key_padding_mask=~lm, need_weights=False)
+        lh = self.pool(self.fuse(torch.cat([l2r, left], -1)), lm)
+        rh = self.pool(self.fuse(torch.cat([r2l, right], -1)), rm)
+        return self.out(torch.cat([lh, rh], -1))
+
+
+@MODELS.register_module(name="RankingHead")
+class RankingHead(nn.Linear):
+    """Retrieval score Linear(H, 1) on the pooled output -> [N]. ``init_from_pair_head(weight,
+    bias, row)`` starts it from a row of a 2-way matching head (the original: ITM's positive row)."""
+
+    def __init__(self, *, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    def init_from_pair_head(self, weight: torch.Tensor, bias: torch.Tensor, *, row: int = 1) -> None:
+        with torch.no_grad():
+            self.weight.copy_(weight[row : row + 1])
+            self.bias.copy_(bias[row : row + 1])
+
+    def forward(self, out: Any) -> torch.Tensor:
+        return super().forward(out.pooled).squeeze(-1)
 
 
 def build_head(

@@ -76,3 +76,34 @@ class OTContrastLoss(nn.Module):
         if self.normalize == "batch":
             return ((distance * pos).sum() - (distance * neg).sum()) / max(int(matched.numel()), 1)
         return (distance * pos).sum() / pos.sum().clamp(min=1) - (distance * neg).sum() / neg.sum().clamp(min=1)
+
+
+@LOSSES.register_module(name="bce_soft")
+class SoftBCELoss(nn.Module):
+    """BCE-with-logits against soft targets [B, C] (VQA's answer scores). ``scale='classes'``:
+    the element mean times C, as the original VQA loss (``bce(reduction='mean') * C``);
+    ``'none'``: the plain element mean."""
+
+    def __init__(self, *, scale: Literal["classes", "none"] = "classes"):
+        super().__init__()
+        if scale not in ("classes", "none"):
+            raise ValueError(f"scale must be 'classes' or 'none', got {scale!r}")
+        self.scale = scale
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return loss * logits.shape[-1] if self.scale == "classes" else loss
+
+
+@LOSSES.register_module(name="ranking_hinge")
+class RankingHingeLoss(nn.Module):
+    """The paper's triplet ranking loss on matching scores: mean of
+    max(0, margin + sigmoid(neg) - sigmoid(pos)) over every negative; ``pos`` [B], ``neg`` [B, N]."""
+
+    def __init__(self, *, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        pos, neg = torch.sigmoid(pos.float()), torch.sigmoid(neg.float())
+        return torch.clamp(self.margin + neg - pos[:, None], min=0).mean()

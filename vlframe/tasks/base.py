@@ -37,6 +37,7 @@ class DataInfo:
     feat_dim: int
     num_labels: int | None = None  # detector classes incl. background (index 0)
     random_range: tuple[int, int] | None = None  # ids a "random word" replacement draws from
+    answer_vocab: list[str] | None = None  # VQA answers (label i = entry i), from a task dataset
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> "DataInfo":
@@ -49,6 +50,7 @@ class DataInfo:
             feat_dim=int(dataset.feat_dim),
             num_labels=getattr(dataset, "num_labels", None),
             random_range=(low, vocab),
+            answer_vocab=getattr(dataset, "answer_vocab", None),
         )
 
 
@@ -116,6 +118,16 @@ class Task(nn.Module):
     def evaluate(self, model: nn.Module, batch: VLBatch) -> dict[str, Any]:
         """Named outputs of one validation batch, read by the metrics. Default: the loss."""
         return {"loss": self.forward(model, batch).loss, "loss_count": self.loss_count(batch)}
+
+    def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Records of one batch's ``evaluate`` outputs in the benchmark's official prediction
+        format (tools/test.py); tasks without one return none."""
+        return []
+
+    def init_from_pretrained(self, weights: dict[str, torch.Tensor], *, prefix: str) -> dict[str, torch.Tensor]:
+        """Weights for this task's heads (keys under ``prefix``) made from a pretrained checkpoint's
+        ``weights`` (``train.init_from``), e.g. a ranking head from the ITM head. Default: none."""
+        return {}
 
 
 def build_loss(node: Any, default: Mapping[str, Any], where: str) -> nn.Module:

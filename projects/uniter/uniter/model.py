@@ -105,6 +105,10 @@ class UniterModel(VLEncoder):
         )
         self.pooler = nn.Linear(hidden_size, hidden_size)
         init_bert_weights(self, std=init_std)
+        # Named rows of the type table: the pretrained two, plus those tasks add (add_token_type).
+        self.token_types: dict[str, int] = {"text": 0, "image": 1}
+        self._type_source: dict[int, int] = {}  # added row -> row it was initialised from
+        self._register_load_state_dict_pre_hook(self._grow_loaded_types)
         # What ``pretrained`` copied and left fresh; the trainer prints and logs it.
         self.init_report = self.load_pretrained(pretrained) if pretrained else None
 
@@ -125,6 +129,32 @@ class UniterModel(VLEncoder):
     def tie_targets(self) -> dict[str, nn.Module]:
         # The modules tied heads reuse (the model stays their single owner).
         return {"word_embeddings": self.text_embed.word, "region_projection": self.img_embed.feat_proj}
+
+    def add_token_type(self, name: str, *, like: str) -> int:
+        if name in self.token_types:
+            return self.token_types[name]
+        if like not in ("text", "image"):
+            raise ValueError(f"add_token_type({name!r}): like must be 'text' or 'image', got {like!r}")
+        src = self.token_types[like]
+        old = self.type_embed.weight.data
+        grown = nn.Embedding(old.shape[0] + 1, old.shape[1]).to(device=old.device, dtype=old.dtype)
+        grown.weight.data.copy_(torch.cat([old, old[src : src + 1]]))
+        self.type_embed = grown
+        new_id = old.shape[0]
+        self.token_types[name] = new_id
+        self._type_source[new_id] = src
+        return new_id
+
+    def _grow_loaded_types(self, state_dict, prefix, *args) -> None:
+        # A checkpoint from before add_token_type (e.g. the pretrained one) has fewer rows: the
+        # added rows start as copies of their source rows of *that* checkpoint, as the original.
+        key = prefix + "type_embed.weight"
+        w = state_dict.get(key)
+        rows = self.type_embed.weight.shape[0]
+        if w is None or w.shape[0] >= rows or any(i not in self._type_source for i in range(w.shape[0], rows)):
+            return  # nothing to grow (a real size mismatch is load_state_dict's error)
+        extra = [w[self._type_source[i]] for i in range(w.shape[0], rows)]
+        state_dict[key] = torch.cat([w, torch.stack(extra)])
 
     def encode(
         self,
@@ -158,4 +188,5 @@ class UniterModel(VLEncoder):
             batch.img_mask,
             img_masked=batch.img_masked,
             token_type_ids=batch.token_type_ids,
+            img_type_ids=batch.img_type_ids,
         )
