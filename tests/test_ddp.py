@@ -204,6 +204,9 @@ def _slice(batch, lo: int, hi: int):
     for name, v in batch.targets.items():
         assert name in ("itm", "txt_labels"), f"_slice does not know target {name}"
         targets[name] = v[lo:hi] if name == "itm" else v[lo:hi, :t]
+    if batch.masked_soft_labels is not None:  # rows of the masked regions, example by example
+        first = int(batch.img_masked[:lo].sum())
+        parts["masked_soft_labels"] = batch.masked_soft_labels[first : first + int(batch.img_masked[lo:hi].sum())]
     return dataclasses.replace(batch, **parts, targets=targets, txt_ids=batch.txt_ids[lo:hi],
                                img_ids=batch.img_ids[lo:hi])
 
