@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vlframe import io as vio
+from vlframe.config import ConfigError
 from vlframe.engine import checkpoint as ckpt
 from vlframe.engine import distributed as D
 from vlframe.engine.data import TaskStream

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlframe.data.batch import Example, VLBatch, collate, gather_masked_soft_labels
 from vlframe.masking import IGNORE_INDEX, Masker, replace_masked_tokens
