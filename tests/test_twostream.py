@@ -59,6 +59,30 @@ def test_cross_attention_equals_torch_multihead_attention():
     assert (got[[0, 2]] - expected[[0, 2]]).abs().max() < 1e-5
 
 
+def test_shared_cross_attention_serves_both_directions():
+    # LXMERT's layout: one cross-attention sublayer for text->regions and regions->text. It must
+    # compute what two separate sublayers holding the same weights compute, with one copy of them.
+    shared, separate = _model(shared_cross=True), _model(shared_cross=False)
+    with torch.no_grad():
+        for name, p in separate.named_parameters():
+            p.copy_(shared.get_parameter(name.replace(".b_cross.", ".a_cross.")))
+    for layer in shared.cross_layers:
+        assert layer.a_cross is layer.b_cross
+    one = sum(p.numel() for p in separate.cross_layers[0].a_cross.parameters())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(separate) - n(shared) == one * len(shared.cross_layers)
+    ids, tm, feat, pos, im = _inputs()
+    with torch.no_grad():
+        a, b = shared.encode(ids, tm, feat, pos, im), separate.encode(ids, tm, feat, pos, im)
+    for field in ("text", "regions", "pooled"):
+        assert (getattr(a, field) - getattr(b, field)).abs().max() < 1e-6, field
+    # Different weights per direction do change the outputs (the comparison can fail).
+    with torch.no_grad():
+        separate.cross_layers[0].b_cross.attn.value.weight.add_(torch.randn(32, 32) * 0.1)
+        c = separate.encode(ids, tm, feat, pos, im)
+    assert (c.regions - a.regions)[im].abs().max() > 1e-3
+
+
 def test_padding_invariance_in_both_streams():
     m = _model()
     ids, tm, feat, pos, im = _inputs()

@@ -63,8 +63,9 @@ class CrossAttentionSublayer(nn.Module):
 
 class CoAttentionLayer(nn.Module):
     """One cross-modality layer: ``forward(a, a_mask, b, b_mask) -> (a', b')``, masks [B, *] bool
-    (True = real). Separate weights per direction and per stream (ViLBERT's co-attention;
-    LXMERT shares the cross-attention weights between the two directions)."""
+    (True = real). Separate self-attention and feed-forward weights per stream; the
+    cross-attention sublayer has separate weights per direction (ViLBERT's co-attention) or, with
+    ``shared_cross``, one sublayer serves both directions (LXMERT)."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class CoAttentionLayer(nn.Module):
         hidden_dropout: float = 0.1,
         attention_dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
+        shared_cross: bool = False,
     ):
         super().__init__()
         sizes = dict(
@@ -85,7 +87,7 @@ class CoAttentionLayer(nn.Module):
             layer_norm_eps=layer_norm_eps,
         )
         self.a_cross = CrossAttentionSublayer(**sizes)
-        self.b_cross = CrossAttentionSublayer(**sizes)
+        self.b_cross = self.a_cross if shared_cross else CrossAttentionSublayer(**sizes)
         self.a_self = TransformerLayer(intermediate_size=intermediate_size, **sizes)
         self.b_self = TransformerLayer(intermediate_size=intermediate_size, **sizes)
 

@@ -4,7 +4,8 @@ Text: word + position + type -> LN -> dropout, then ``num_text_layers`` self-att
 Regions: (LN(Linear(feature)) + LN(Linear(7-d box))) / 2 -> dropout (LXMERT's visual embedding),
 where a masked region has its feature zeroed and a learned mask vector added (as UNITER), then
 ``num_region_layers`` self-attention layers. Then ``num_cross_layers`` co-attention layers
-(vlframe.modules.cross_attention): each stream attends to the other, then to itself.
+(vlframe.modules.cross_attention): each stream attends to the other, then to itself; with
+``shared_cross`` one cross-attention sublayer serves both directions (LXMERT).
 
 Both streams have width ``hidden_size`` (WRA's cosine OT compares text and region states, so
 text_dim == region_dim). Pooled output (ViLBERT's fusion): the element-wise product of the text
@@ -77,6 +78,7 @@ class TwoStreamModel(VLEncoder):
         type_vocab_size: int = 2,
         img_dim: int = 2048,
         init_std: float = 0.02,
+        shared_cross: bool = False,
     ):
         super().__init__()
         self.spec = VLEncoderSpec(
@@ -99,7 +101,9 @@ class TwoStreamModel(VLEncoder):
         )
         self.text_encoder = TransformerEncoder(num_layers=num_text_layers, **layer)
         self.region_encoder = TransformerEncoder(num_layers=num_region_layers, **layer)
-        self.cross_layers = nn.ModuleList(CoAttentionLayer(**layer) for _ in range(num_cross_layers))
+        self.cross_layers = nn.ModuleList(
+            CoAttentionLayer(shared_cross=shared_cross, **layer) for _ in range(num_cross_layers)
+        )
         self.text_pooler = nn.Linear(hidden_size, hidden_size)
         self.region_pooler = nn.Linear(hidden_size, hidden_size)
         init_bert_weights(self, std=init_std)
