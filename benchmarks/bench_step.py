@@ -371,9 +371,9 @@ def encoder_fwd_bwd(model, mask: torch.Tensor, device, dtype, steps: int, warmup
     """Encoder alone, forward + backward, on the step's packed sequence shape; with the matmul
     peak probed beside each repetition."""
     b, length = mask.shape
-    x = torch.randn(b, length, model.hidden_size, device=device, requires_grad=True)
+    x = torch.randn(b, length, model.spec.text_dim, device=device, requires_grad=True)
     mask = mask.to(device)
-    grad = torch.randn(b, length, model.hidden_size, device=device)
+    grad = torch.randn(b, length, model.spec.text_dim, device=device)
     times, beside, cpu = [], [], []
     for i in range(warmup + steps):
         if i >= warmup:
@@ -400,7 +400,7 @@ def encoder_flops(model, mask: torch.Tensor, packed: bool) -> float:
     saved = enc.varlen, enc._run
     enc.varlen, enc._run = "never", enc._layers
     b, length = mask.shape
-    x = torch.zeros(b, length, model.hidden_size, device=mask.device)
+    x = torch.zeros(b, length, model.spec.text_dim, device=mask.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -577,7 +577,7 @@ def fit(args) -> None:
             if ckpt:  # one layer's activations come back during its recomputation, and the layer
                 # inputs that checkpoint holds (not seen by the hooks): layers x H fp32 per unit
                 full = (measured[False, sizes[1]] - measured[False, sizes[0]]) / (u1 - u0)
-                act += full * units / layers + units * layers * model.hidden_size * 4
+                act += full * units / layers + units * layers * model.spec.text_dim * 4
             est = 16 * n_params + 0.6 * act + 2**30
             bound = 16 * n_params + act + 2**30
             verdict = ("fits" if bound <= 16 * 2**30 else
