@@ -16,7 +16,7 @@ from vlframe import visualize as V
 from vlframe.data.dataset import SyntheticPairs
 from vlframe.modules.transformer import SelfAttention, attention_weights
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402,F401  (an install requirement: a missing one must fail, not skip)
 
 
 def _png(path):
