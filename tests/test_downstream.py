@@ -98,7 +98,8 @@ def test_nlvr2_consistency_and_vcr_holistic_and_refexp_iou():
 def test_task_sets_oracle_above_chance_and_fields(world):
     oracle = load_oracle(world)
     for task, key in [("vqa", "vqa_score"), ("refcoco", "acc_det"), ("refcoco", "acc_gt"), ("nlvr2", "acc"),
-                      ("snli_ve", "acc"), ("vcr", "q2ar"), ("retrieval", "ir_r1")]:
+                      ("snli_ve", "acc"), ("vcr", "q2ar"), ("retrieval", "ir_r1"),
+                      ("itm", "itm_acc")]:
         assert oracle[task]["oracle"][key] > oracle[task]["chance"][key] + 0.2, (task, key)
     ds = SyntheticTaskDataset(task="vqa", cache_dir=os.path.dirname(world), split="val", **WORLD)
     e = ds[0]

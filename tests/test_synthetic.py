@@ -273,3 +273,44 @@ def test_prepare_data_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare_data.main(["synthetic", "--out", str(out)])
     assert "already exists" in capsys.readouterr().err
+
+
+def _scene(*objects):
+    return {"objects": [{"cls": c, "colour": col, "size": size, "box": box} for c, col, size, box in objects]}
+
+
+def test_caption_holds_hand_cases():
+    from vlframe.data.synthetic import caption_holds
+
+    left, right, top = [0.0, 0.4, 0.2, 0.6], [0.7, 0.4, 0.9, 0.6], [0.4, 0.0, 0.6, 0.2]
+    s = _scene(("dog", "red", "small", left), ("car", "blue", "large", right), ("dog", "green", "large", top))
+    assert caption_holds("a small red dog to the left of a blue car.", s)
+    assert not caption_holds("a small red dog to the right of a blue car.", s)  # relation false
+    assert not caption_holds("a large red dog to the left of a blue car.", s)  # size false
+    assert not caption_holds("a red dog and a red car.", s)  # colour false
+    assert caption_holds("there are two dogs.", s) and not caption_holds("there are three dogs.", s)
+    assert caption_holds("two dogs and a blue car.", s)
+    assert caption_holds("the car is blue and the dog is red.", _scene(("car", "blue", "small", left),
+                                                                     ("dog", "red", "small", right)))
+    assert not caption_holds("the car is blue and the dog is red.", s)  # "the dog" is not unique here
+    assert caption_holds("a red dog on the left.", s) and not caption_holds("a blue car on the left.", s)
+    assert caption_holds("a green dog at the top.", s)
+    # distinct phrases need distinct objects
+    assert not caption_holds("a red dog with a red dog and a blue car.", s)
+    assert caption_holds("red dog with green dog and blue car.", s)
+    assert caption_holds("close up of a large blue car.", s)
+
+
+def test_every_caption_holds_of_its_own_scene_and_rarely_of_another(world):
+    from vlframe.data.synthetic import caption_holds
+
+    scenes = load_scenes(world)
+    own, other = [], []
+    imgs = sorted(scenes)
+    for store in _texts(world).values():
+        for t in store.ids():
+            rec, img = store.get(t), store.txt2img[t]
+            own.append(caption_holds(rec.raw, scenes[img]))
+            other.append(caption_holds(rec.raw, scenes[imgs[(imgs.index(img) + 7) % len(imgs)]]))
+    assert all(own), "a caption the world wrote is false of its own scene"
+    assert np.mean(other) < 0.2

@@ -55,7 +55,7 @@ from vlframe.data.stores import RegionStoreWriter, TextStoreWriter
 
 __all__ = [
     "CLASSES", "SUPERCATS", "COLOURS", "SIZES", "WORLD_FORMAT_VERSION",
-    "generate_world", "ensure_world", "world_params", "load_scenes", "register_cli",
+    "generate_world", "ensure_world", "world_params", "load_scenes", "register_cli", "caption_holds",
 ]
 
 WORLD_FORMAT_VERSION = 2  # 2: flatter in-domain classes, 3-6 objects, sparse features, salient captions
@@ -347,6 +347,73 @@ def _caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[str, str,
                         f"{_phrase(c3, rng, size=0.0)}.", "list", [i, j, k])
             return f"{_a(_phrase(a, rng))} with {_a(_phrase(b, rng))} and {_a(_phrase(c3, rng))}.", "list", [i, j, k]
     return f"{_a(_phrase(obs[0], rng))}.", "single", [0]
+
+
+_RELATIONS = ("to the left of", "to the right of", "above", "below")
+_LOCATIONS = ("on the left", "on the right", "at the top", "at the bottom")
+_SINGULAR = {p: c for c, p in PLURALS.items()}
+
+
+def _parse_caption(text: str) -> dict[str, Any]:
+    """The meaning of a caption written by :func:`_caption` (either domain): its object phrases
+    ``{"cls", "colour", "size", "unique"}`` in order, its count ``(class, n)``, relation and location."""
+    words = text.rstrip(".").split()
+    phrases: list[dict[str, Any]] = []
+    count, attrs = None, {}
+    for w, word in enumerate(words):
+        if word in SIZES:
+            attrs["size"] = word
+        elif word in COLOURS and not (w >= 1 and words[w - 1] == "is"):
+            attrs["colour"] = word
+        elif word in CLASSES:
+            ph = {"cls": word, "colour": attrs.get("colour"), "size": attrs.get("size"), "unique": False}
+            if w + 2 < len(words) and words[w + 1] == "is" and words[w + 2] in COLOURS:  # "the dog is red"
+                ph.update(colour=words[w + 2], unique=True)
+            phrases.append(ph)
+            attrs = {}
+        elif word in _SINGULAR and w >= 1 and words[w - 1] in NUMBERS:
+            count = (_SINGULAR[word], NUMBERS.index(words[w - 1]))
+    joined = " ".join(words)
+    relation = next((r for r in _RELATIONS if f" {r} " in f" {joined} "), None)
+    location = next((loc for loc in _LOCATIONS if f" {loc}" in f" {joined}"), None)
+    return {"phrases": phrases, "count": count, "relation": relation, "location": location}
+
+
+def caption_holds(text: str, scene: dict[str, Any]) -> bool:
+    """Whether a caption of this world is literally true of ``scene`` (the oracle that reads the
+    hidden scene: every named object present with the stated colour/size, distinct objects for
+    distinct phrases, exact counts, the stated relation or location)."""
+    import itertools
+
+    meaning = _parse_caption(text)
+    obs = scene["objects"]
+    by_cls: dict[str, int] = {}
+    for ob in obs:
+        by_cls[ob["cls"]] = by_cls.get(ob["cls"], 0) + 1
+    if meaning["count"] is not None and by_cls.get(meaning["count"][0], 0) != meaning["count"][1]:
+        return False
+
+    def fits(ph: dict[str, Any], ob: dict[str, Any]) -> bool:
+        return (ob["cls"] == ph["cls"] and ph["colour"] in (None, ob["colour"]) and ph["size"] in (None, ob["size"])
+                and (not ph["unique"] or by_cls[ob["cls"]] == 1))
+
+    phrases = meaning["phrases"]
+    candidates = [[j for j, ob in enumerate(obs) if fits(ph, ob)] for ph in phrases]
+    for pick in itertools.product(*candidates):
+        if len(set(pick)) != len(pick):
+            continue
+        if meaning["relation"] is not None and len(pick) >= 2:
+            (ax, ay), (bx, by) = _centre(obs[pick[0]]), _centre(obs[pick[1]])
+            if not {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by,
+                    "below": ay > by}[meaning["relation"]]:
+                continue
+        if meaning["location"] is not None and pick:
+            x, y = _centre(obs[pick[0]])
+            if not {"on the left": x < 0.35, "on the right": x > 0.65, "at the top": y < 0.35,
+                    "at the bottom": y > 0.65}[meaning["location"]]:
+                continue
+        return True
+    return not phrases  # a caption naming nothing holds when its count does
 
 
 # ---------------------------------------------------------------------------------------------

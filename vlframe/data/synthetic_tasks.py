@@ -26,7 +26,7 @@ reads both. Sets live in ``<world>/tasks/v<TASKS_FORMAT_VERSION>/<task>_<split>/
 * ``vcr``: "what colour is the X?" / "how many Xs are there?" with four answers ("it is red.")
   and four rationales ("the small dog is red."), one right each.
   extra = {answer_choices, rationale_choices (token ids), answer_label, rationale_label, objects: []}.
-* retrieval uses the world's own captions (``texts/<domain>_<split>``).
+* retrieval (and the pretraining ITM) use the world's own captions (``texts/<domain>_<split>``).
 
 ``oracle.json`` holds, per task, the score of an oracle that reads the hidden scene (the ceiling
 a learned model is judged against) and the chance level, on the val split.
@@ -43,14 +43,14 @@ import torch
 
 from vlframe.data.stores import TextStoreWriter
 from vlframe.data.synthetic import (
-    COLOURS, NUMBERS, PLURALS, TOKENIZER_NAME, _centre, _relation, load_scenes, make_once,
+    COLOURS, NUMBERS, PLURALS, TOKENIZER_NAME, _centre, _relation, caption_holds, load_scenes, make_once,
 )
 from vlframe.data.vqa_vocab import answer_scores, save_answer_vocab
 from vlframe.metrics.downstream import box_iou
 
 __all__ = ["TASKS_FORMAT_VERSION", "TASK_NAMES", "ensure_task_sets", "task_store", "load_oracle"]
 
-TASKS_FORMAT_VERSION = 1
+TASKS_FORMAT_VERSION = 2  # 2: ITM oracle; retrieval oracle checks relations, locations, sizes
 TASK_NAMES = ("vqa", "refcoco", "nlvr2", "snli_ve", "vcr")
 VQA_ANSWERS = ["yes", "no"] + [str(i) for i in range(11)] + COLOURS
 VQA_VOCAB_FILE = "answer_vocab.json"  # the importer's name (vlframe.data.importers.tasks)
@@ -325,38 +325,44 @@ def _vcr(scenes, rng, tok):
 # -------------------------------------------------------------------------------- retrieval
 
 
-def _retrieval_oracle(world_dir: str, scenes: dict[str, dict[str, Any]], domain: str, num_images: int, rng):
-    """Recall of an oracle that checks the class+colour (and counts) of what a caption mentions."""
+def _caption_oracles(world_dir: str, scenes: dict[str, dict[str, Any]], domain: str, num_images: int, rng):
+    """ITM and retrieval scores of the oracle that reads the hidden scene (:func:`caption_holds`:
+    every named object, attribute, count, relation and location checked), on the val captions.
+
+    ITM: the pretraining task's pairs, a caption with its own image or (``neg_prob`` 0.5) with
+    another val image drawn at random: the oracle errs only on negatives whose caption happens to
+    be true. Retrieval: every caption against the first ``num_images`` val images, ties broken at
+    random (not in the oracle's favour)."""
     from vlframe.data.stores import TextStore
     from vlframe.metrics.retrieval import retrieval_recall
 
     store = TextStore(os.path.join(world_dir, "texts", f"{domain}_val"))
     ids = store.ids()
-    images = sorted({store.txt2img[t] for t in ids})[:num_images]
+    all_images = sorted({store.txt2img[t] for t in ids})
+    raw = {t: store.get(t).raw for t in ids}
+    draws = 5  # random negatives per caption
+    neg_true = [caption_holds(raw[t], scenes[img]) for t in ids
+                for img in (all_images[int(i)] for i in rng.integers(len(all_images), size=draws))
+                if img != store.txt2img[t]]
+    neg_prob = 0.5
+    itm = {"itm_acc": float((1 - neg_prob) + neg_prob * (1 - np.mean(neg_true))),
+           "neg_true_rate": float(np.mean(neg_true))}
+    itm_chance = {"itm_acc": 0.5, "chance_rule": "a coin (neg_prob 0.5)"}
+
+    images = all_images[:num_images]
     img_index = {img: i for i, img in enumerate(images)}
     texts = [t for t in ids if store.txt2img[t] in img_index]
-    scores = np.zeros((len(texts), len(images)))
-    for ti, t in enumerate(texts):
-        rec = store.get(t)
-        src = scenes[store.txt2img[t]]
-        facts = [(src["objects"][j]["cls"], src["objects"][j]["colour"]) for j in rec.extra["objects"]]
-        counted = rec.extra["template"] == "count"
-        for ii, img in enumerate(images):
-            s = scenes[img]
-            have = Counter((o["cls"], o["colour"]) for o in s["objects"])
-            if counted:  # "there are two dogs": the class count decides; colours are not named
-                want = Counter(f[0] for f in facts)
-                got = Counter(o["cls"] for o in s["objects"])
-                ok = all(got[c] == n for c, n in want.items())
-            else:
-                ok = all(have[f] > 0 for f in facts)
-            scores[ti, ii] = float(ok)
+    scores = np.array([[float(caption_holds(raw[t], scenes[img])) for img in images] for t in texts])
     scores += rng.uniform(0, 1e-3, scores.shape)  # the oracle breaks ties at random, not in its favour
     txt2img = torch.tensor([img_index[store.txt2img[t]] for t in texts])
     oracle = retrieval_recall(torch.from_numpy(scores), txt2img)
     chance = {f"ir_r{k}": k / len(images) for k in (1, 5, 10)}
-    chance["chance_rule"] = f"random ranking of {len(images)} images"
-    return oracle, chance
+    per_img = Counter(store.txt2img[t] for t in texts)
+    for k in (1, 5, 10):  # an image's c captions among len(texts) ranked at random: P(one in the top k)
+        miss = [np.prod([(len(texts) - c - i) / (len(texts) - i) for i in range(k)]) for c in per_img.values()]
+        chance[f"tr_r{k}"] = float(1.0 - np.mean(miss))
+    chance["chance_rule"] = f"random ranking of {len(images)} images / {len(texts)} captions"
+    return (itm, itm_chance), (oracle, chance)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -399,7 +405,9 @@ def generate_task_sets(world_dir: str, out_dir: str, *, domain: str = "in", seed
                 report[task] = {"oracle": oracle, "chance": chance, "examples": len(rows)}
     save_answer_vocab(VQA_ANSWERS, os.path.join(out_dir, "vqa_train", VQA_VOCAB_FILE))
     save_answer_vocab(VQA_ANSWERS, os.path.join(out_dir, "vqa_val", VQA_VOCAB_FILE))
-    oracle, chance = _retrieval_oracle(world_dir, all_scenes, domain, retrieval_images, np.random.default_rng([seed, 15]))
+    (itm, itm_chance), (oracle, chance) = _caption_oracles(world_dir, all_scenes, domain, retrieval_images,
+                                                           np.random.default_rng([seed, 15]))
+    report["itm"] = {"oracle": itm, "chance": itm_chance}
     report["retrieval"] = {"oracle": oracle, "chance": chance, "images": retrieval_images}
     with open(os.path.join(out_dir, "oracle.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, sort_keys=True)
