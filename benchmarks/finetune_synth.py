@@ -4,7 +4,7 @@ chance level and its oracle ceiling; with ``--inits scratch`` also from no pretr
 ("pretraining helps": mean and spread over seeds at the same finetuning budget). Runs already in
 results.json are kept (several invocations, e.g. in parallel with different --out, add up).
 
-    .venv/bin/python benchmarks/finetune_synth.py --pretrained work_dirs/pretrain_tiny_synth/checkpoints/ckpt_0002100.pt \
+    .venv/bin/python benchmarks/finetune_synth.py --pretrained work_dirs/pretrain_tiny_synth/checkpoints/ckpt_0003000.pt \
         --tasks vqa refcoco itr --seeds 0 1 2 --inits pretrained scratch --steps 100
 
 Each run is configs/uniter/finetune_<task>_tiny_synth.yaml with ``train.max_steps``, the seed and

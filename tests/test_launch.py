@@ -38,7 +38,7 @@ def test_dry_run_prints_config_and_the_exact_sbatch_script(capsys, tmp_path):
             "slurm.constraint=volta32gb", "slurm.job_name=uniter_base", "slurm.additional={dependency: afterok:123}"]
     assert _tool("train")(args) == 0
     out = capsys.readouterr().out
-    assert "# resolved config" in out and "launcher: slurm" in out and "max_steps: 2100" in out
+    assert "# resolved config" in out and "launcher: slurm" in out and "max_steps: 3000" in out
     lines = _sbatch_lines(out)
     for want in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10", "--mem=480GB",
                  "--partition=learnfair", "--account=vl", "--qos=high", "--time=4320", "--constraint=volta32gb",
