@@ -80,10 +80,13 @@ class IPOT(OTSolver):
         self.inner_steps = check_count(inner_steps, "inner_steps", self.name)
         self.round_marginals = check_flag(round_marginals, "round_marginals", self.name)
 
-    @torch.no_grad()
     def _solve(self, cost: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
-        with _loop_threads(cost):
-            return self._ipot(cost, mask_a, mask_b)
+        # inference mode, not just no_grad: the ~650 small ops skip the autograd and version-counter
+        # dispatch (~15% of the solver's time on the CPU); the plan leaves it as a normal tensor,
+        # since ot_distance saves it for backward
+        with _loop_threads(cost), torch.inference_mode():
+            plan = self._ipot(cost, mask_a, mask_b)
+        return plan.clone()
 
     def _ipot(self, cost: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
         b, n, m = cost.shape
