@@ -3,7 +3,7 @@
 As in the original UNITER WRA: uniform marginals over the valid entries, ``beta`` the proximal
 step, ``iterations`` outer steps of ``T <- diag(s) (exp(-C/beta) * T) diag(d)`` where each outer
 step runs ``inner_steps`` Sinkhorn-like updates of the scalings ``d`` (columns) then ``s`` (rows).
-The plan is computed under ``torch.no_grad``: it carries no gradient, so the gradient of
+The plan is computed under ``torch.inference_mode`` (returned as a normal tensor): it carries no gradient, so the gradient of
 ``ot_distance(cost, plan)`` reaches the cost only through ``cost`` (d distance / d cost = plan).
 
 IPOT's own plan has exact row marginals, but its column marginals carry the error of the inexact
