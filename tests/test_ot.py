@@ -140,7 +140,7 @@ def test_cosine_cost_matches_normalised_embeddings_and_autograd():
 
     # the fused backward against autograd's numerical Jacobian (three examples keep it fast)
     xg, yg = x[2:5].clone().requires_grad_(), y[2:5].clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: _CosineCost.apply(a, b, joint[2:5], 1e-5), (xg, yg))
+    assert torch.autograd.gradcheck(lambda a, b: _CosineCost.apply(a, b, mx[2:5], my[2:5], 1e-5), (xg, yg))
 
 
 def test_cosine_cost_gradient_matches_normalize_autograd_fp32():

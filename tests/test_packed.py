@@ -102,6 +102,16 @@ def test_compile_buckets_bound_recompiles():
     assert comp.compiled_graphs == 2
 
 
+def test_eager_encoder_does_not_pad_to_length_multiple():
+    # length_multiple buckets lengths for torch.compile only; eager runs the sequence as given
+    enc = TransformerEncoder(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, varlen="never",
+                             length_multiple=8)
+    seen = []
+    enc.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    enc(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool))
+    assert seen == [5]
+
+
 def test_encoder_rejects_bad_options():
     with pytest.raises(ValueError, match="varlen must be one of"):
         TransformerEncoder(varlen="yes")

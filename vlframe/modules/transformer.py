@@ -156,6 +156,12 @@ class TransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
+    @property
+    def _compiled(self) -> bool:
+        # ==, not `is`: every attribute read of self._layers makes a new bound-method object, so
+        # an identity test is always true and the eager path would pad to length_multiple too
+        return self._run != self._layers
+
     def uses_varlen(self, device: torch.device | str) -> bool:
         """Whether inputs on ``device`` run packed (real tokens only)."""
         return self.varlen == "always" or (self.varlen == "cuda" and torch.device(device).type == "cuda")
@@ -168,7 +174,7 @@ class TransformerEncoder(nn.Module):
         if mask is not None and self.uses_varlen(x.device):
             return self._forward_packed(x, mask)
         b, n, _ = x.shape
-        if self._run is not self._layers:
+        if self._compiled:
             # Bucketed length: one graph per multiple of length_multiple; batch size stays symbolic.
             pad = -n % self.length_multiple
             if pad:
@@ -176,7 +182,7 @@ class TransformerEncoder(nn.Module):
                 mask = F.pad(mask if mask is not None else x.new_ones(b, n, dtype=torch.bool), (0, pad))
         # [B, 1, 1, L] broadcasts over heads and queries; SDPA reads True as "may attend".
         attn_mask = None if mask is None else mask[:, None, None, :]
-        if self._run is not self._layers and b > 1:
+        if self._compiled and b > 1:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             if attn_mask is not None:
                 torch._dynamo.maybe_mark_dynamic(attn_mask, 0)
@@ -189,7 +195,7 @@ class TransformerEncoder(nn.Module):
         rows = mask.reshape(-1).nonzero().squeeze(1)  # flat [B * L] positions of the real tokens
         values = x.reshape(b * n, h).index_select(0, rows)
         max_len = n
-        if self._run is not self._layers:
+        if self._compiled:
             # max_seqlen only bounds the kernels' work: a bucketed bound keeps it off the guards
             max_len = n + (-n % self.length_multiple)
             torch._dynamo.maybe_mark_dynamic(values, 0)

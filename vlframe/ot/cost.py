@@ -61,9 +61,20 @@ def cosine_cost(
     my = _mask_or_all(mask_y, b, m, x.device, "cosine_cost: mask_y")
     # fp32 (also under autocast) so half-precision activations give the original's fp32 WRA cost
     with torch.autocast(device_type=x.device.type, enabled=False):
-        # padded rows zeroed first: a NaN/inf there would reach valid gradients through the products
-        x, y = x.float().masked_fill(~mx.unsqueeze(2), 0.0), y.float().masked_fill(~my.unsqueeze(2), 0.0)
-        return _CosineCost.apply(x, y, mx.unsqueeze(2) & my.unsqueeze(1), float(eps))
+        return _CosineCost.apply(x.float(), y.float(), mx, my, float(eps))
+
+
+def _zero_padded_rows(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """v [B, N, D] with the rows where ``mask`` [B, N] is False set to 0 (a copy; v itself when
+    nothing is padded on the CPU). On the CPU, masked_fill with a [B, N, 1] mask is ~8x slower
+    than a copy plus index_fill_ of the padded rows (0.53 vs 0.07 + 0.08 ms at 32 x 36 x 768, one
+    thread); on CUDA masked_fill is fast and index_fill_'s nonzero() would sync with the host."""
+    if v.device.type != "cpu":
+        return v.masked_fill(~mask.unsqueeze(2), 0.0)
+    rows = (~mask).flatten().nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return v
+    return v.clone().view(-1, v.shape[-1]).index_fill_(0, rows, 0.0).view(v.shape)
 
 
 class _CosineCost(torch.autograd.Function):
@@ -77,7 +88,13 @@ class _CosineCost(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, joint: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        # padded rows zeroed first: a NaN/inf there would reach valid gradients through the
+        # products; done here, not by autograd, so the backward needs no masking pass over them
+        # (the gradient of padded rows is 0: their h rows and saved inputs are 0)
+        x, y = _zero_padded_rows(x, mask_x), _zero_padded_rows(y, mask_y)
+        joint = mask_x.unsqueeze(2) & mask_y.unsqueeze(1)
         norm_x = torch.linalg.vector_norm(x, dim=-1)
         norm_y = torch.linalg.vector_norm(y, dim=-1)
         inv_x = norm_x.clamp_min(eps).reciprocal_()
@@ -107,7 +124,7 @@ class _CosineCost(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             b = vc.sum(1).mul_(inv_y.square()).mul_(live_y).neg_()
             grad_y = torch.bmm(h.transpose(1, 2), x).addcmul_(y, b.unsqueeze(2))
-        return grad_x, grad_y, None, None
+        return grad_x, grad_y, None, None, None
 
 
 def ot_distance(cost: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
