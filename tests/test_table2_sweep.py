@@ -341,3 +341,24 @@ def test_sweep_killed_mid_way_then_run_again_runs_only_the_missing_stages(slurm,
     # And again: nothing to run.
     assert main([*args, "--wait"]) == 0
     assert "# submitted 0 stage jobs" in capsys.readouterr().out
+
+
+def test_readme_own_line_is_one_point_that_plans(tmp_path):
+    """The README's "your own line" point, added to the shipped sweep, is checked like the others."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("then add one point to `configs/uniter/sweeps/table2_tiny.yaml`:", 1)[1]
+    point = yaml.safe_load(block.split("```yaml", 1)[1].split("```", 1)[0])[0]
+    spec = yaml.safe_load(open(SWEEP))
+    here = os.path.dirname(SWEEP)
+    for p in [*spec["points"], point]:
+        p["_config"] = os.path.normpath(os.path.join(here, p["_config"]))
+    for st in spec["pipeline"]:
+        st["config"] = os.path.normpath(os.path.join(here, st["config"]))
+    spec["points"].append(point)
+    spec["quick"]["points"] = [point["_name"], point["_vs"]]
+    f = tmp_path / "own.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    _, runs, stages = S.plan_pipeline(None, str(f), sweep_dir=str(tmp_path / "sw"), launcher="local", quick=True)
+    assert [r.group for r in runs] == ["L11-mlm-itm-mrckl-mrfr-wra", "L11-mlp-itm"]
+    own = next(s for s in stages if s.key == "L11-mlp-itm_seed-0/pretrain")
+    assert own.cfg.tasks.itm.head.type == "MLPITMHead" and "mrc_kl" in own.cfg.tasks
