@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     overrides = [a for a in args.args if "=" in a]
     if len(files) not in (1, 2):
         p.error("expected [CONFIG] SWEEP.yaml, then key=value overrides")
+    if args.wait and args.local:
+        p.error("--wait is for SLURM (--local runs the stages here and returns when they are done)")
     config, sweep = (None, files[0]) if len(files) == 1 else files
     try:
         out = launch_sweep(config, sweep, sweep_dir=args.sweep_dir, overrides=overrides, local=args.local,

@@ -280,14 +280,18 @@ def _base_config(run: Run, config_path: str | None, spec: Mapping[str, Any]) -> 
     return path
 
 
+def default_dir(sweep_path: str | os.PathLike, sweep_dir: str | None, *, quick: bool) -> str:
+    return os.path.abspath(sweep_dir or (default_sweep_dir(sweep_path) + ("_quick" if quick else "")))
+
+
 def plan(config_path: str | None, sweep_path: str, *, sweep_dir: str | None = None, overrides: Sequence[str] = (),
-         launcher: str = "slurm") -> tuple[str, list[tuple[Run, Any, str, str]]]:
+         launcher: str = "slurm", quick: bool = False) -> tuple[str, list[tuple[Run, Any, str, str]]]:
     """Expand and CHECK every run (config, components, data paths) before anything starts.
 
     Returns the sweep dir and ``(run, config, run folder, status)`` per run."""
-    spec = read_sweep_file(sweep_path)
+    spec = read_sweep_file(sweep_path, quick=quick)
     runs = expand(spec)
-    sweep_dir = os.path.abspath(sweep_dir or default_sweep_dir(sweep_path))
+    sweep_dir = default_dir(sweep_path, sweep_dir, quick=quick)
     planned = []
     for run in runs:
         try:
@@ -324,11 +328,11 @@ def launch_sweep(config_path: str | None, sweep_path: str, *, sweep_dir: str | N
     A sweep file with ``pipeline:`` goes to :func:`launch_pipeline`.
 
     Returns ``{"sweep_dir", "status": {name: status}, "submitted": [job ids], "failed": [names]}``."""
-    if read_sweep_file(sweep_path, quick=quick)["pipeline"] or quick:
+    if read_sweep_file(sweep_path, quick=quick)["pipeline"]:
         return launch_pipeline(config_path, sweep_path, sweep_dir=sweep_dir, overrides=overrides, local=local,
                                dry_run=dry_run, quick=quick, wait=wait, echo=echo)
     sweep_dir, planned = plan(config_path, sweep_path, sweep_dir=sweep_dir, overrides=overrides,
-                              launcher="local" if local else "slurm")
+                              launcher="local" if local else "slurm", quick=quick)
     todo = [(run, cfg, wd) for run, cfg, wd, status in planned if status == "todo"]
     width = max(len(r.name) for r, *_ in planned)
     for run, _, _, status in planned:
@@ -338,7 +342,7 @@ def launch_sweep(config_path: str | None, sweep_path: str, *, sweep_dir: str | N
     if dry_run:
         echo(f"# {len(planned)} runs, {len(todo)} to run; sweep dir {sweep_dir} (dry run: nothing started)")
         return out
-    _write_manifest(sweep_dir, config_path, sweep_path, planned)
+    _write_manifest(sweep_dir, config_path, sweep_path, planned, quick=quick)
     if not todo:
         echo(f"# nothing to run: every run is finished or queued ({sweep_dir})")
         return out
@@ -425,7 +429,7 @@ def plan_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str | 
     checkpoint (the checkpoint need not exist yet: it is checked when the stage starts)."""
     spec = read_sweep_file(sweep_path, quick=quick)
     runs = expand(spec)
-    sweep_dir = os.path.abspath(sweep_dir or (default_sweep_dir(sweep_path) + ("_quick" if quick else "")))
+    sweep_dir = default_dir(sweep_path, sweep_dir, quick=quick)
     stages: list[Stage] = []
     for run in runs:
         pre_dir = os.path.join(sweep_dir, run.name, PRETRAIN)
