@@ -271,6 +271,7 @@ def _numeric(cell: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_quick_table2_through_slurm_end_to_end(slurm, synth_cache, tmp_path, capsys):  # noqa: F811
     out_dir = tmp_path / "quick"
     t0 = time.time()
@@ -299,6 +300,7 @@ def _job(stage_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_sweep_killed_mid_way_then_run_again_runs_only_the_missing_stages(slurm, user_hooks, synth_cache,  # noqa: F811
                                                                          tmp_path, capsys):
     l05 = os.path.join(CONFIGS, "ablations", "L05_mlm.yaml")
