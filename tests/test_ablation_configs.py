@@ -2,6 +2,7 @@
 
 Each pair of resolved configs is diffed key by key (dotted paths of the leaves); the test fails
 on any difference outside the pair's declared keys, and on a pair that does not differ at all."""
+import functools
 import os
 
 import pytest
@@ -72,3 +73,35 @@ def test_the_diff_sees_a_stray_difference(tmp_path):
     changed = diff(str(stray)[:-5], "L11_mlm_itm_mrckl_mrfr_wra")
     assert "tasks.itm.ot_solver.type" in changed
     assert sorted(k for k in changed if not k.startswith("tasks.itm.ot_solver")) == ["train.lr"]
+
+
+@functools.lru_cache(maxsize=1)
+def _sweep_points() -> dict[str, dict]:
+    """Each Table 2 line as the sweep configs/uniter/sweeps/table2_tiny.yaml pretrains it (its
+    config + the sweep's overrides + the point's own), by config name; the seed left out."""
+    from vlframe.launch.sweep import expand, read_sweep_file
+
+    spec = read_sweep_file(os.path.join(ROOT, "configs", "uniter", "sweeps", "table2_tiny.yaml"))
+    out = {}
+    for run in expand(spec):
+        if run.seed == 0:
+            own = [o for o in run.overrides if not o.startswith("seed=")]
+            cfg = config_to_dict(load_and_validate(run.config, [*spec["overrides"], *own]))
+            out[os.path.basename(run.config)[:-5]] = leaves(cfg)
+    return out
+
+
+def test_the_table2_sweep_has_every_line():
+    lines = {f[:-5] for f in os.listdir(ABL) if f.endswith(".yaml")}
+    assert set(_sweep_points()) == lines
+
+
+@pytest.mark.parametrize("line,other,allowed,why", PAIRS, ids=[p[0] for p in PAIRS])
+def test_sweep_lines_differ_only_in_what_the_paper_varies(line, other, allowed, why):
+    """The sweep's budgets and per-point overrides keep each pair's difference to what the paper varies."""
+    la, lb = _sweep_points()[line], _sweep_points()[other]
+    changed = {k for k in la.keys() | lb.keys() if la.get(k, "<absent>") != lb.get(k, "<absent>") and k != "work_dir"}
+    assert changed, f"{line} and {other} resolve to the same config in the sweep ({why})"
+    stray = sorted(k for k in changed if not any(k == p or k.startswith(p + ".") for p in allowed))
+    assert stray == [], f"in the sweep, {line} vs {other} ({why}) also differ in {stray}"
+

@@ -49,6 +49,32 @@ BENCHMARK_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+#: The paper's Table 2 columns: (column, task type, metrics averaged). IR and TR are the means of
+#: R@1, R@5 and R@10; RefCOCO+ is reported on detected regions (val^d: ``acc_det``).
+TABLE2_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("VQA", "vqa", ("vqa_score",)),
+    ("IR", "itr", ("ir_r1", "ir_r5", "ir_r10")),
+    ("TR", "itr", ("tr_r1", "tr_r5", "tr_r10")),
+    ("NLVR2", "nlvr2", ("acc",)),
+    ("RE", "refexp", ("acc_det",)),
+]
+META_SUM = "Meta-Sum"
+
+
+def table2_scores(types: dict[str, str], metrics: dict[str, float]) -> dict[str, float]:
+    """Table 2's columns (in %) that ``metrics`` (``<task>/<metric>``, tasks typed by ``types``)
+    have, and the Meta-Sum (their sum) when it has all five."""
+    out: dict[str, float] = {}
+    for col, task_type, names in TABLE2_COLUMNS:
+        for task, t in types.items():
+            if t == task_type and all(f"{task}/{n}" in metrics for n in names):
+                out[col] = 100.0 * sum(float(metrics[f"{task}/{n}"]) for n in names) / len(names)
+                break
+    if len(out) == len(TABLE2_COLUMNS):
+        out[META_SUM] = sum(out.values())
+    return out
+
+
 def _load_weights(module: torch.nn.Module, tasks: dict[str, Any], path: str) -> dict[str, list[str]]:
     """Load ``path`` into ``module`` (model + task heads). Heads missing from it are made from
     pretrained heads where the task can (zero-shot) or fail naming them; heads of the wrong shape

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,7 @@ log = logging.getLogger("vlframe")
 
 DONE_FILE = "done.json"
 METRICS_FILE = "metrics.jsonl"  # what the trainer logs into the run folder
+STAGE_METRICS = "metrics.json"  # a sweep's downstream stage: its evaluation (tools/test.py's format)
 
 
 def read_done(work_dir: str) -> dict | None:
@@ -48,6 +50,30 @@ def run_training(cfg: DictConfig, work_dir: str) -> dict[str, float]:
     return metrics
 
 
+def final_checkpoint(work_dir: str, max_steps: int) -> str:
+    """The checkpoint a finished run leaves at its last step (the trainer's naming)."""
+    return os.path.join(work_dir, "checkpoints", f"ckpt_{int(max_steps):07d}.pt")
+
+
+def write_stage_metrics(cfg: Any, work_dir: str, metrics: Mapping[str, float]) -> str:
+    """A downstream stage's evaluation = its final validation, as tools/test.py's metrics.json."""
+    step = int(cfg.train.max_steps)
+    result = {
+        "protocol": {"source": "final validation of the finetune run (vlframe.launch.sweep)",
+                     "checkpoint": final_checkpoint(work_dir, step), "checkpoint_step": step, "split": "val",
+                     "val_batches": int(cfg.train.get("val_batches", 0) or 0),  # 0: the whole split
+                     "dataset": OmegaConf.to_container(cfg.data.val, resolve=True),
+                     "init_from": str(cfg.train.init_from),
+                     "tasks": {n: str(t.type) for n, t in cfg.tasks.items()},
+                     "zero_shot_heads": {}, "zero_shot": False},
+        "metrics": {k[len("val/"):]: float(v) for k, v in metrics.items() if k.startswith("val/")},
+        "predictions": {},
+    }
+    path = os.path.join(work_dir, STAGE_METRICS)
+    atomic_write(path, lambda f: json.dump(result, f, indent=1), binary=False)
+    return path
+
+
 def export_torch_env(*, single_node: bool) -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (the job's first host) and MASTER_PORT (derived
     from the job id) from submitit's job environment, for the trainer's env:// process group."""
@@ -62,11 +88,13 @@ def export_torch_env(*, single_node: bool) -> dict[str, str]:
 
 
 class TrainJob:
-    """The callable a SLURM job runs: a plain config (no tensors, no modules) and the run folder."""
+    """The callable a SLURM job runs: a plain config (no tensors, no modules) and the run folder.
+    ``evaluate``: a sweep's downstream stage, which also writes its evaluation (``write_stage_metrics``)."""
 
-    def __init__(self, config: dict[str, Any], work_dir: str):
+    def __init__(self, config: dict[str, Any], work_dir: str, *, evaluate: bool = False):
         self.config = config
         self.work_dir = work_dir
+        self.evaluate = evaluate
 
     def __call__(self) -> dict[str, float]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -80,7 +108,10 @@ class TrainJob:
         if restarts and str(cfg.train.resume) != "auto" and ckpt.list_checkpoints(os.path.join(self.work_dir, "checkpoints")):
             cfg.train.resume = "auto"  # requeued: continue this run, not the one it started from
         log.info("job %s restart %d: %s", os.environ.get("SLURM_JOB_ID"), restarts, env)
-        return run_training(cfg, self.work_dir)
+        metrics = run_training(cfg, self.work_dir)
+        if self.evaluate and int(env["RANK"]) == 0:
+            write_stage_metrics(cfg, self.work_dir, metrics)
+        return metrics
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """submitit: preempted or timed out; requeue this job, to resume from its newest checkpoint."""
@@ -88,4 +119,4 @@ class TrainJob:
 
         config = OmegaConf.to_container(OmegaConf.create(self.config), resolve=True)
         config["train"]["resume"] = "auto"
-        return submitit.helpers.DelayedSubmission(TrainJob(config, self.work_dir))
+        return submitit.helpers.DelayedSubmission(TrainJob(config, self.work_dir, evaluate=self.evaluate))

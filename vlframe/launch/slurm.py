@@ -136,15 +136,30 @@ def describe_submission(cfg: DictConfig, work_dir: str, *, job_name: str) -> str
     ])
 
 
-def submit_train(cfg: DictConfig, work_dir: str):
-    """Submit one training run of ``cfg`` (already checked by ``preflight.prepare``); returns the job."""
+def dependency_parameters(slurm: Mapping[str, Any], after: str) -> dict[str, Any]:
+    """``additional_parameters`` that start a job only once job ``after`` COMPLETED (exit 0), and
+    have SLURM cancel it when ``after`` failed (instead of pending forever as DependencyNeverSatisfied)."""
+    extra = {str(k): v for k, v in (slurm.get("additional") or {}).items()}
+    own = extra.pop("dependency", None)
+    extra["dependency"] = f"afterok:{after}" + (f",{own}" if own else "")
+    extra["kill_on_invalid_dep"] = "yes"
+    return extra
+
+
+def submit_train(cfg: DictConfig, work_dir: str, *, after: str | None = None, evaluate: bool = False,
+                 job_name: str | None = None):
+    """Submit one training run of ``cfg`` (already checked by ``preflight.prepare``); returns the job.
+    ``after``: a job id this one waits on (``afterok``); ``evaluate``: see :class:`TrainJob`."""
     import submitit
 
     work_dir = os.path.abspath(work_dir)
     folder = os.path.join(work_dir, SLURM_SUBDIR, "%j")
-    executor = make_executor(folder, config_to_dict(cfg)["slurm"], job_name=os.path.basename(work_dir))
+    slurm = config_to_dict(cfg)["slurm"]
+    executor = make_executor(folder, slurm, job_name=job_name or os.path.basename(work_dir))
+    if after is not None:
+        executor.update_parameters(additional_parameters=dependency_parameters(slurm, after))
     try:
-        job = executor.submit(TrainJob(job_config(cfg), work_dir))
+        job = executor.submit(TrainJob(job_config(cfg), work_dir, evaluate=evaluate))
     except submitit.core.utils.FailedJobError as e:
         raise LaunchError(f"sbatch refused the job: {str(e).strip() or e!r}") from e
     write_job_record(work_dir, str(job.job_id))
