@@ -21,7 +21,7 @@ PAIRS = [
     ("L08_mlm_itm_mrfr", "L06_mlm_itm", {"tasks.mrfr"}, "+MRFR"),
     ("L09_mlm_itm_mrckl", "L06_mlm_itm", {"tasks.mrc_kl"}, "+MRC-kl"),
     ("L10_mlm_itm_mrckl_mrfr", "L09_mlm_itm_mrckl", {"tasks.mrfr"}, "+MRFR"),
-    ("L11_mlm_itm_mrckl_mrfr_wra", "L10_mlm_itm_mrckl_mrfr", {"tasks.itm.wra_weight", "tasks.itm.ot_solver"}, "+WRA"),
+    ("L11_mlm_itm_mrckl_mrfr_wra", "L10_mlm_itm_mrckl_mrfr", {"tasks.itm.wra_weight", "tasks.itm.ot_solver", "tasks.itm.wra_loss"}, "+WRA"),
     ("L11_sinkhorn", "L11_mlm_itm_mrckl_mrfr_wra", {"tasks.itm.ot_solver"}, "Sinkhorn instead of IPOT"),
     ("L11_exact_ot", "L11_mlm_itm_mrckl_mrfr_wra", {"tasks.itm.ot_solver"}, "exact OT instead of IPOT"),
     ("L12_joint_masking", "L10_mlm_itm_mrckl_mrfr", {"tasks.mlm.masker", "tasks.mrc_kl.masker", "tasks.mrfr.masker"},
