@@ -297,7 +297,7 @@ def test_finetune_config_runs_two_steps_from_pretrained(path, synth_cache, tmp_p
 def test_tools_test_writes_official_formats(synth_cache, tmp_path):
     ckpt = _pretrained(synth_cache, tmp_path)
     for cfg_name, name in [("finetune_vqa_tiny_synth", "vqa"), ("finetune_nlvr2_tiny_synth", "nlvr2"),
-                           ("finetune_itr_tiny_synth", "itr")]:
+                           ("finetune_itr_tiny_synth", "itr"), ("finetune_vcr_tiny_synth", "vcr")]:
         ov = tiny_overrides(synth_cache) + ["train.max_steps=1", "train.warmup_steps=1", f"train.init_from={ckpt}"]
         if name == "itr":
             ov.append("tasks.itr.metrics=[{type: retrieval_full, num_images: 10}]")
@@ -323,6 +323,24 @@ def test_tools_test_writes_official_formats(synth_cache, tmp_path):
             with open(os.path.join(out, "predictions_nlvr2.csv")) as f:
                 rows = list(csv.reader(f))
             assert rows and all(len(r) == 2 and r[1] in ("True", "False") and r[0].count("-") == 3 for r in rows)
+        if name == "vcr":  # the leaderboard CSV needs the rationales after every answer
+            each = load_and_validate(os.path.join(ROOT, "configs", "uniter", cfg_name + ".yaml"),
+                                     ov + ["tasks.vcr.rationales=each"])
+            res_each = evaluate_checkpoint(each, str(run / "checkpoints" / "ckpt_0000001.pt"), out_dir=out + "_each")
+            assert res_each["metrics"] == pytest.approx(res["metrics"])  # same gold-answer scoring
+            with open(os.path.join(out + "_each", "predictions_vcr.csv")) as f:
+                rows = list(csv.reader(f))
+            assert rows[0][:2] == ["annot_id", "answer_0"] and rows[0][-1] == "rationale_conditioned_on_a3_3"
+            assert len(rows) > 1 and all(len(r) == 1 + 4 + 16 for r in rows)
+            for r in rows[1:]:
+                probs = [float(v) for v in r[1:]]
+                assert sum(probs[:4]) == pytest.approx(1.0, abs=1e-5)
+                assert all(sum(probs[4 + 4 * i: 8 + 4 * i]) == pytest.approx(1.0, abs=1e-5) for i in range(4))
+            with open(os.path.join(out, "predictions_vcr.json")) as f:
+                gold = {p["annot_id"]: p for p in json.load(f)}
+            r = rows[1]  # the gold-conditioned rationale probabilities are one of the four rows
+            rat = [float(v) for v in r[5:]]
+            assert any(rat[4 * i: 4 * i + 4] == pytest.approx(gold[r[0]]["rationale_probs"], abs=1e-5) for i in range(4))
     with pytest.raises(ValueError, match=r"no weights for head\(s\) tasks.vqa.head"):
         evaluate_checkpoint(load_and_validate(os.path.join(ROOT, "configs", "uniter", "finetune_vqa_tiny_synth.yaml"),
                                               tiny_overrides(synth_cache)), ckpt, out_dir=str(tmp_path / "x"))

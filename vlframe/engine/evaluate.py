@@ -5,7 +5,7 @@ pretrained checkpoint (heads a task can make from pretrained ones - the ranking 
 are made so: that is zero-shot evaluation), runs every task's metrics over a split and writes
 ``metrics.json`` (the protocol: config, checkpoint, its step, split, which heads were zero-shot)
 and each task's predictions in its benchmark's official format (``predictions_<task>.json``,
-NLVR2 as ``predictions_<task>.csv``).
+NLVR2 and VCR with ``rationales: each`` as ``predictions_<task>.csv``).
 
 :func:`results_table` reads such ``metrics.json`` files (or a training run's last validation in
 ``metrics.jsonl``) and makes one table across tasks with the paper's Meta-Sum: the sum of the
@@ -110,6 +110,17 @@ def _write_predictions(out_dir: str, name: str, task_type: str, records: list[di
         w = csv.writer(buf, lineterminator="\n")
         for r in records:
             w.writerow([r["identifier"], r["prediction"]])
+        path = os.path.join(out_dir, f"predictions_{name}.csv")
+        atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
+        return path
+    if task_type == "vcr" and records and "rationale_probs_given" in records[0]:  # the VCR leaderboard CSV
+        n = len(records[0]["answer_probs"])
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["annot_id"] + [f"answer_{i}" for i in range(n)]
+                   + [f"rationale_conditioned_on_a{i}_{j}" for i in range(n) for j in range(n)])
+        for r in records:
+            w.writerow([r["annot_id"], *r["answer_probs"], *(p for row in r["rationale_probs_given"] for p in row)])
         path = os.path.join(out_dir, f"predictions_{name}.csv")
         atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
         return path

@@ -243,11 +243,24 @@ class VCRTask(_HeadTask):
     answer_i] and 4 [question; right answer; rationale_j]; question tokens have type 0, answer
     and rationale new types initialised from the text type (the original), regions type 1. A
     per-candidate head gives 2 logits ("wrong", "right") per sequence, CE over them; candidates
-    are ranked by the "right" logit. Metrics: q2a, qa2r and the holistic q2ar."""
+    are ranked by the "right" logit. Metrics: q2a, qa2r and the holistic q2ar.
+
+    ``rationales='each'`` also scores the rationales after each of the 4 answers (16 QA->R
+    sequences per question instead of 4: the gold answer is unknown on the test split) and writes
+    the leaderboard CSV (``annot_id, answer_0..3, rationale_conditioned_on_a{i}_{j}``); the loss,
+    the metrics and so training are the same as with ``'gold'`` (they use the right answer's
+    group only)."""
 
     default_head = {"type": "CandidateScorerHead"}
     default_metrics = ({"type": "vcr_accuracy"}, {"type": "loss_average"})
     num_candidates = 4
+
+    def __init__(self, *, rationales: str = "gold", head: dict | None = None, loss: dict | None = None,
+                 metrics: list[dict] | None = None):
+        super().__init__(head=head, loss=loss, metrics=metrics)
+        if rationales not in ("gold", "each"):
+            raise ValueError(f"vcr: rationales must be 'gold' or 'each', got {rationales!r}")
+        self.rationales = rationales
 
     def setup(self, *, model: VLEncoder, info: DataInfo, where: str | None = None) -> None:
         super().setup(model=model, info=info, where=where)
@@ -277,9 +290,9 @@ class VCRTask(_HeadTask):
             if len(answers) != self.num_candidates or len(rationales) != self.num_candidates:
                 raise ValueError(f"{self.where}: record {e.txt_id!r} has {len(answers)} answers and {len(rationales)} "
                                  f"rationales, expected {self.num_candidates} each")
-            gold = answers[int(x["answer_label"])]
-            seqs = [[(a, self.answer_type)] for a in answers] + [[(gold, self.answer_type), (r, self.rationale_type)]
-                                                                  for r in rationales]
+            given = answers if self.rationales == "each" else [answers[int(x["answer_label"])]]
+            seqs = [[(a, self.answer_type)] for a in answers] + [[(g, self.answer_type), (r, self.rationale_type)]
+                                                                  for g in given for r in rationales]
             for parts in seqs:
                 ids, t = self._sequence(e.input_ids, parts, max_len)
                 out.append(Example(e.txt_id, e.img_id, ids, e.img_feat, e.img_pos, None, x))
@@ -295,12 +308,21 @@ class VCRTask(_HeadTask):
 
     def forward(self, model: VLEncoder, batch: VLBatch) -> TaskOutput:
         logits = self.head(model(batch))  # [2B, 4, 2]: per question its Q->A group, then its QA->R group
+        every = None
+        if self.rationales == "each":  # [5B, 4, 2]: Q->A, then QA->R after answer 0..3; keep the right one's
+            grouped = logits.view(-1, 1 + self.num_candidates, self.num_candidates, logits.shape[-1])
+            every = grouped[:, 1:, :, 1].detach()  # [B, 4 answers, 4 rationales] "right" logits
+            gold = grouped[torch.arange(grouped.shape[0], device=logits.device), 1 + batch.targets["answer_label"]]
+            logits = torch.stack([grouped[:, 0], gold], 1).reshape(-1, self.num_candidates, logits.shape[-1])
         labels = torch.stack([batch.targets["answer_label"], batch.targets["rationale_label"]], 1).reshape(-1)
         target = F.one_hot(labels, self.num_candidates)  # 1 = "right"
         loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         rank = logits.detach()[..., 1]
         acc = (rank.argmax(-1) == labels).float().mean()
-        return TaskOutput(loss, self._logs(loss, acc=acc), {"q2a_scores": rank[0::2], "qa2r_scores": rank[1::2]})
+        outputs = {"q2a_scores": rank[0::2], "qa2r_scores": rank[1::2]}
+        if every is not None:
+            outputs["qa2r_each_scores"] = every
+        return TaskOutput(loss, self._logs(loss, acc=acc), outputs)
 
     @torch.no_grad()
     def evaluate(self, model: VLEncoder, batch: VLBatch) -> dict[str, Any]:
@@ -312,6 +334,10 @@ class VCRTask(_HeadTask):
     def predictions(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
         # Per question the probabilities of its answers and of its rationales given the right answer.
         a, r = outputs["q2a_scores"].float().softmax(-1).tolist(), outputs["qa2r_scores"].float().softmax(-1).tolist()
+        if "qa2r_each_scores" in outputs:  # the leaderboard's: rationales after each answer
+            each = outputs["qa2r_each_scores"].float().softmax(-1).tolist()
+            return [{"annot_id": i, "answer_probs": pa, "rationale_probs_given": pe}
+                    for i, pa, pe in zip(outputs["annot_id"], a, each)]
         return [{"annot_id": i, "answer_probs": pa, "rationale_probs": pr} for i, pa, pr in zip(outputs["annot_id"], a, r)]
 
 
