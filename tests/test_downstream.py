@@ -393,3 +393,33 @@ def test_real_format_config_runs_two_steps(task, tmp_path):
     trainer = Trainer(cfg, work_dir=str(tmp_path / "run"))
     metrics = trainer.train()
     assert trainer.step == 2 and metrics and all(v == v for v in metrics.values()), metrics
+
+
+def _consistency_worker(rank, world_size, port, records, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        m = NLVR2Consistency()
+        mine = records[rank::world_size]  # a sentence's pairs land on both ranks
+        m.update({"correct": torch.tensor([ok for _, ok in mine]), "identifier": [i for i, _ in mine]})
+        torch.save(torch.tensor(m.compute()["consistency"]), os.path.join(out_dir, f"cons{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_nlvr2_consistency_under_ddp_equals_one_process(tmp_path):
+    """A sentence whose pairs are split over two ranks is consistent only if right on both."""
+    # identifier split-set-pair-sentence: a sentence is (set, sentence), seen with several pairs
+    records = [("dev-1-0-0", True), ("dev-1-1-0", False), ("dev-2-0-0", True), ("dev-2-1-0", True),
+               ("dev-3-0-1", True), ("dev-3-1-1", True), ("dev-3-2-1", False), ("dev-4-0-0", True)]
+    one = NLVR2Consistency()
+    one.update({"correct": torch.tensor([ok for _, ok in records]), "identifier": [i for i, _ in records]})
+    ref = one.compute()["consistency"]
+    assert ref == pytest.approx(2 / 4)  # dev-2-0 and dev-4-0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_consistency_worker, args=(2, port, records, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for r in (0, 1):
+        assert float(torch.load(tmp_path / f"cons{r}.pt", weights_only=True)) == pytest.approx(ref)

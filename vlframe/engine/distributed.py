@@ -103,6 +103,16 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (a list indexed by rank); pickled between the job's own
+    processes only, never read from disk."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

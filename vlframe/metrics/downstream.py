@@ -50,8 +50,9 @@ def nlvr2_consistency_key(identifier: str) -> str:
 class NLVR2Consistency(Metric):
     """Share of sentences whose every image pair is predicted right (NLVR2's consistency). Reads
     ``correct`` [B] bool and ``identifier`` (list of str). Groups are complete only after the
-    whole split: under DDP each rank must hold all pairs of its sentences (the counts of complete
-    groups are then summed across ranks)."""
+    whole split: under DDP a sentence's pairs may sit on several ranks, so ``compute`` gathers
+    every rank's per-sentence verdicts and merges them (a sentence is consistent only if it is
+    on every rank that holds some of its pairs)."""
 
     def __init__(self, *, name: str = "consistency", correct: str = "correct", identifier: str = "identifier"):
         self.correct, self.identifier = correct, identifier
@@ -68,8 +69,18 @@ class NLVR2Consistency(Metric):
             self.groups[key] = self.groups.get(key, True) and bool(ok)
 
     def compute(self) -> dict[str, float]:
+        from vlframe.engine import distributed as D
+
+        merged: dict[str, bool] = {}
+        for groups in D.all_gather(self.groups):
+            for key, ok in groups.items():
+                merged[key] = merged.get(key, True) and ok
+        # every rank now holds the whole split's verdicts: count them once (rank 0), sum across ranks
         self._acc = Average(self.names)
-        self.add(self.names[0], sum(self.groups.values()), len(self.groups))
+        if D.rank() == 0:
+            self.add(self.names[0], sum(merged.values()), len(merged))
+        else:
+            self.add(self.names[0], 0, 0)
         return super().compute()
 
 
