@@ -173,8 +173,11 @@ def _linear_step(cache: str) -> list[str]:
     # (to ~1e-6 relative), so the comparisons below compare gradients, not Adam's sign-like first
     # step (which hides a wrongly weighted gradient). No decay, no clipping. Tolerance: 1e-6,
     # relative for tensors whose values exceed 1 (MRFR's feature-projection bias gets ~5e3).
+    # The original's WRA contrast (sums / batch, per-example terms); the demo's per-side contrast
+    # is normalised per micro-batch (the trainer warns; tests/test_trainer.py).
     return tiny_overrides(cache) + ["train.lr=1e6", "train.eps=1e6", "train.weight_decay=0", "train.clip_grad=0",
-                                   "train.warmup_steps=0", "train.max_steps=1000", "data.val=null"]
+                                   "train.warmup_steps=0", "train.max_steps=1000", "data.val=null",
+                                   "tasks.itm.wra_loss={type: ot_contrast, normalize: batch}"]
 
 
 # Micro-batch slices of one 16-example batch: rank 0 gets the first two, rank 1 the last two.

@@ -22,12 +22,17 @@ def _trainer(synth_cache, tmp_path, *extra):
 
 def test_accumulation_equals_one_big_batch(synth_cache, tmp_path):
     """K=3 micro-batches of N=4 give the same parameters after one step as one batch of 12."""
-    no_dropout = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.warmup_steps=0"]
+    # the original's WRA contrast (sums / batch): per-example terms, so exact; the demo's per-side
+    # contrast normalises per micro-batch, and the trainer says so (below)
+    no_dropout = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.warmup_steps=0",
+                  "tasks.itm.wra_loss={type: ot_contrast, normalize: batch}"]
+    with pytest.warns(UserWarning, match=r"tasks.itm.wra_loss: normalised per micro-batch"):
+        _trainer(synth_cache, tmp_path / "c", "train.grad_accum=3")
     a = _trainer(synth_cache, tmp_path / "a", *no_dropout, "train.grad_accum=3")
     b = _trainer(synth_cache, tmp_path / "b", *no_dropout, "train.grad_accum=1")
     b.model.load_state_dict(a.model.state_dict())
     before = copy.deepcopy(a.model.state_dict())
-    task = a.model.tasks["itm"]  # CE mean + 0.1 * OT sums / batch: per-example terms, so exact
+    task = a.model.tasks["itm"]  # CE mean + wra_weight * OT sums / batch: per-example terms, so exact
     ds = a.train_set
     examples = [ds[i] for i in range(0, 60, 5)]
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -213,6 +214,13 @@ class Trainer:
             tasks[name] = build(node, TASKS, where=f"tasks.{name}")
             tasks[name].setup(model=encoder, info=info, where=f"tasks.{name}")
         self.model = VLModule(encoder, tasks).to(self.device)
+        if int(tc.grad_accum) > 1 or D.world_size() > 1:
+            inexact = [f"tasks.{t}.{n}" for t, task in tasks.items() for n, m in task.named_modules()
+                       if getattr(m, "exact_over_micro_batches", True) is False]
+            if inexact:  # said once at start: the step's loss is then not the whole batch's
+                warnings.warn(f"{', '.join(inexact)}: normalised per micro-batch, so with grad_accum="
+                              f"{int(tc.grad_accum)} x {D.world_size()} rank(s) the step averages the "
+                              f"micro-batches' losses instead of computing the whole batch's", stacklevel=2)
         phases = OmegaConf.to_container(tc.phases, resolve=True) if tc.get("phases") else []
         self.chooser = TaskChooser(mix, seed=int(cfg.seed), phases=phases)
         sampler_cfg = OmegaConf.to_container(cfg.data.sampler, resolve=True)

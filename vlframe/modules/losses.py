@@ -68,6 +68,10 @@ class OTContrastLoss(nn.Module):
         if normalize not in ("batch", "per_side"):
             raise ValueError(f"normalize must be 'batch' or 'per_side', got {normalize!r}")
         self.normalize = normalize
+        # 'batch' is a sum of per-example terms: micro-batches weighted by size add up to the
+        # whole batch exactly. 'per_side' divides by each micro-batch's own side counts, so under
+        # grad_accum or DDP it is the mean over micro-batches of their contrasts, not the step's.
+        self.exact_over_micro_batches = normalize == "batch"
 
     def forward(self, distance: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
         # Masked sums rather than boolean indexing: no host-device sync inside a step.
