@@ -364,3 +364,19 @@ def test_readme_own_line_is_one_point_that_plans(tmp_path):
     assert [r.group for r in runs] == ["L11-mlm-itm-mrckl-mrfr-wra", "L11-mlp-itm"]
     own = next(s for s in stages if s.key == "L11-mlp-itm_seed-0/pretrain")
     assert own.cfg.tasks.itm.head.type == "MLPITMHead" and "mrc_kl" in own.cfg.tasks
+
+
+def test_the_subset_sweep_has_the_full_grids_points_and_stages():
+    """table2_subset_tiny.yaml (the README's measured subset) cannot drift from table2_tiny.yaml:
+    the same points and downstream stages; only the pretraining budget differs."""
+    import yaml
+
+    sweeps = os.path.join(ROOT, "configs", "uniter", "sweeps")
+    full = yaml.safe_load(open(os.path.join(sweeps, "table2_tiny.yaml")))
+    sub = yaml.safe_load(open(os.path.join(sweeps, "table2_subset_tiny.yaml")))
+    by_name = {p["_name"]: {k: v for k, v in p.items() if k != "_vs"} for p in full["points"]}
+    assert [p["_name"] for p in sub["points"]] == ["L01_none", "L05_mlm", "L06_mlm_itm", "L11_mlm_itm_mrckl_mrfr_wra"]
+    assert all(p == by_name[p["_name"]] for p in sub["points"])
+    assert sub["pipeline"] == full["pipeline"] and sub["seeds"] == full["seeds"]
+    differ = {k for k in set(sub["overrides"]) | set(full["overrides"]) if sub["overrides"].get(k) != full["overrides"].get(k)}
+    assert differ == {"train.max_steps", "train.val_interval", "train.ckpt_interval", "train.phases"}

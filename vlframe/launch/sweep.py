@@ -474,6 +474,7 @@ def _run_stage_here(stage: Stage) -> None:
         metrics = run_training(stage.cfg, stage.work_dir)
         if stage.after is not None:
             write_stage_metrics(stage.cfg, stage.work_dir, metrics)
+        logger.info("stage %s finished", stage.key)  # the stage's end (benchmarks/bench_sweep_stages.py)
     except Exception:
         logger.error("stage %s failed:\n%s", stage.key, traceback.format_exc())
         raise
