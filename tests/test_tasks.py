@@ -152,4 +152,3 @@ def test_wra_logs_the_solvers_marginal_error(task_type, world):
     rows = (plan.sum(2) - 1 / out.text_mask.sum(1, keepdim=True)).abs() * out.text_mask
     assert logs["ot_marginal_err"] == pytest.approx(float(rows.max()), rel=1e-4)
     assert logs["ot_marginal_err"] > 1e-3  # 20 unchecked iterations at epsilon 1e-3 are far from converged
-

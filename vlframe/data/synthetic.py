@@ -43,6 +43,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -383,8 +384,6 @@ def caption_holds(text: str, scene: dict[str, Any]) -> bool:
     """Whether a caption of this world is literally true of ``scene`` (the oracle that reads the
     hidden scene: every named object present with the stated colour/size, distinct objects for
     distinct phrases, exact counts, the stated relation or location)."""
-    import itertools
-
     meaning = _parse_caption(text)
     obs = scene["objects"]
     by_cls: dict[str, int] = {}

@@ -104,26 +104,24 @@ def _load_weights(module: torch.nn.Module, tasks: dict[str, Any], path: str) -> 
     return zero_shot
 
 
+def _write_csv(path: str, rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
+    return path
+
+
 def _write_predictions(out_dir: str, name: str, task_type: str, records: list[dict[str, Any]]) -> str:
+    csv_path = os.path.join(out_dir, f"predictions_{name}.csv")
     if task_type == "nlvr2":  # the official NLVR2 file: identifier,prediction
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        for r in records:
-            w.writerow([r["identifier"], r["prediction"]])
-        path = os.path.join(out_dir, f"predictions_{name}.csv")
-        atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
-        return path
+        return _write_csv(csv_path, [[r["identifier"], r["prediction"]] for r in records])
     if task_type == "vcr" and records and "rationale_probs_given" in records[0]:  # the VCR leaderboard CSV
         n = len(records[0]["answer_probs"])
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["annot_id"] + [f"answer_{i}" for i in range(n)]
-                   + [f"rationale_conditioned_on_a{i}_{j}" for i in range(n) for j in range(n)])
-        for r in records:
-            w.writerow([r["annot_id"], *r["answer_probs"], *(p for row in r["rationale_probs_given"] for p in row)])
-        path = os.path.join(out_dir, f"predictions_{name}.csv")
-        atomic_write(path, lambda f: f.write(buf.getvalue()), binary=False)
-        return path
+        header = (["annot_id"] + [f"answer_{i}" for i in range(n)]
+                  + [f"rationale_conditioned_on_a{i}_{j}" for i in range(n) for j in range(n)])
+        return _write_csv(csv_path, [header] + [[r["annot_id"], *r["answer_probs"],
+                                                 *(p for row in r["rationale_probs_given"] for p in row)]
+                                                for r in records])
     path = os.path.join(out_dir, f"predictions_{name}.json")
     atomic_write(path, lambda f: json.dump(records, f), binary=False)
     return path

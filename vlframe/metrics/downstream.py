@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from vlframe.metrics.average import Average
 from vlframe.metrics.base import Metric, require
 from vlframe.registry import METRICS
 
@@ -75,13 +74,8 @@ class NLVR2Consistency(Metric):
         for groups in D.all_gather(self.groups):
             for key, ok in groups.items():
                 merged[key] = merged.get(key, True) and ok
-        # every rank now holds the whole split's verdicts: count them once (rank 0), sum across ranks
-        self._acc = Average(self.names)
-        if D.rank() == 0:
-            self.add(self.names[0], sum(merged.values()), len(merged))
-        else:
-            self.add(self.names[0], 0, 0)
-        return super().compute()
+        # every rank now holds the whole split's verdicts: no further all-reduce
+        return {self.names[0]: sum(merged.values()) / len(merged) if merged else float("nan")}
 
 
 @METRICS.register_module(name="vcr_accuracy")
