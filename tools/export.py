@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export the model weights of a vlframe checkpoint to safetensors:
 
-  tools/export.py work_dirs/run/checkpoints/ckpt_0003000.pt uniter_tiny.safetensors
+  tools/export.py work_dirs/run/checkpoints/ckpt_0005000.pt uniter_tiny.safetensors
 
 The file holds the whole model (``model.*`` backbone and ``tasks.<name>.*`` heads), no optimizer
 state and nothing executable; ``train.init_from``, ``model.pretrained`` and
