@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from vlframe.config import load_and_validate
 from tests.conftest import ROOT, tiny_overrides
 
 DEMO = os.path.join(ROOT, "configs", "uniter", "pretrain_tiny_synth.yaml")
@@ -38,7 +39,8 @@ def test_dry_run_prints_config_and_the_exact_sbatch_script(capsys, tmp_path):
             "slurm.constraint=volta32gb", "slurm.job_name=uniter_base", "slurm.additional={dependency: afterok:123}"]
     assert _tool("train")(args) == 0
     out = capsys.readouterr().out
-    assert "# resolved config" in out and "launcher: slurm" in out and "max_steps: 3000" in out
+    steps = int(load_and_validate(DEMO, []).train.max_steps)  # the recipe's own, printed resolved
+    assert "# resolved config" in out and "launcher: slurm" in out and f"max_steps: {steps}" in out
     lines = _sbatch_lines(out)
     for want in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10", "--mem=480GB",
                  "--partition=learnfair", "--account=vl", "--qos=high", "--time=4320", "--constraint=volta32gb",
