@@ -56,24 +56,23 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    oracle = None
+    # every task set is a view of the same world (configs/_base_/datasets/synth_task.yaml): one oracle
+    d = load_and_validate(_config_path(args.tasks[0]), list(args.set)).data.train
+    world = ensure_world(d.cache_dir, seed=d.seed, num_images=d.num_images, feat_dim=d.feat_dim)
+    ensure_task_sets(world)
+    oracle = load_oracle(world)
     for task in args.tasks:
         key, oracle_key, names = TASKS[task]
         for init in args.inits:
             for seed in args.seeds:
                 run = f"{task}/{init}/seed{seed}"
+                if run in results:  # kept from an earlier invocation
+                    continue
                 ov = [f"train.max_steps={args.steps}", f"seed={seed}", "train.progress=false",
                       f"train.val_interval={args.steps}", f"train.ckpt_interval={args.steps}",
                       f"train.init_from={args.pretrained if init == 'pretrained' else 'null'}", *args.set,
                       *[s.split(":", 1)[1] for s in args.task_set if s.split(":", 1)[0] == task]]
-                cfg = load_and_validate(os.path.join(ROOT, "configs", "uniter", f"finetune_{task}_tiny_synth.yaml"), ov)
-                if oracle is None:
-                    d = cfg.data.train
-                    world = ensure_world(d.cache_dir, seed=d.seed, num_images=d.num_images, feat_dim=d.feat_dim)
-                    ensure_task_sets(world)
-                    oracle = load_oracle(world)
-                if run in results:  # kept from an earlier invocation (the oracle is still read for the table)
-                    continue
+                cfg = load_and_validate(_config_path(task), ov)
                 t0 = time.time()
                 metrics = Trainer(cfg, work_dir=os.path.join(args.out, task, init, f"seed{seed}")).train()
                 results[run] = {n: metrics[f"val/{key}/{n}"] for n in names} | {"wall_s": time.time() - t0}
@@ -82,6 +81,10 @@ def main() -> int:
                     json.dump(results, f, indent=1)
         _table(task, names, oracle[oracle_key], results)
     return 0
+
+
+def _config_path(task: str) -> str:
+    return os.path.join(ROOT, "configs", "uniter", f"finetune_{task}_tiny_synth.yaml")
 
 
 def _table(task, names, ref, results):
