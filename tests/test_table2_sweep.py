@@ -159,8 +159,11 @@ def test_collect_table2_mean_sd_noise_marks_paper_and_rank_correlation(tmp_path,
     toy = [sum(_cols(0)[c] for c in ("IR", "TR", "NLVR2", "RE")) + v for v in (11.0, 31.0, 30.5 + 1 / 6, 11.0)]
     rho = spearmanr(toy, [314.34, 386.10, 393.04, 300.0]).statistic
     assert f"with the paper's: {rho:.2f} over 4 lines" in out
+    # line 1 against every line (not only its `vs` neighbour): 5 and 6 are above it beyond the noise, 6b is not
+    assert "above it by more than twice the combined spread: 5, 6; not: 6b." in out
     table = S.collect(str(tmp_path))
     assert math.isclose(table["spearman"], rho, abs_tol=1e-12)
+    assert table["baseline"]["above"] == ["5", "6"] and table["baseline"]["within"] == ["6b"]
     with open(tmp_path / "table2.csv") as f:
         head, *csv_rows = [line.rstrip("\n").split(",") for line in f]
     assert head[:7] == ["line", "pretraining data", "tasks", "seeds", "Meta-Sum mean", "Meta-Sum sd",
@@ -169,6 +172,18 @@ def test_collect_table2_mean_sd_noise_marks_paper_and_rank_correlation(tmp_path,
     assert csv_rows[0][head.index("VQA beyond noise")] == ""  # the first line has nothing to compare with
     with open(tmp_path / "table2.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_check_names_the_lowest_and_the_lines_inside_the_noise():
+    row = lambda line, m, sd: {"line": line, S.META_SUM: (m, sd)}  # noqa: E731
+    got = S.baseline_check([row("1", 200.0, 2.0), row("2", 199.0, 1.0), row("3", 220.0, 3.0), row("4", 230.0, math.nan)])
+    assert got["lowest"] is False and got["above"] == ["3"] and got["within"] == ["2"] and got["unknown"] == ["4"]
+    assert "not the lowest (line 2 is)" in got["text"]
+    # 5 < 2 * sqrt(8) = 5.66: inside the noise; 6 > 5.66: beyond it; a line without results is left out
+    got = S.baseline_check([row("1", 200.0, 2.0), row("2", 205.0, 2.0), row("3", 206.0, 2.0), row("4", math.nan, math.nan)])
+    assert got["lowest"] is True and got["above"] == ["3"] and got["within"] == ["2"] and got["unknown"] == []
+    assert got["text"].startswith("Line 1 against every other line (Meta-Sum): the lowest;")
+    assert S.baseline_check([row("1", math.nan, math.nan), row("2", 205.0, 2.0)]) is None
 
 
 def test_noise_rule_and_ranks_against_references():

@@ -767,6 +767,9 @@ def table2_rows(groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     md += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     md += ["", "mean ± sample sd over seeds (%); `*`: differs from the line in `vs` by more than twice the "
                "combined spread sqrt(sd_a² + sd_b²); IR/TR: mean of R@1, R@5, R@10; RE: detected regions."]
+    baseline = baseline_check(rows)
+    if baseline is not None:
+        md.append(baseline["text"])
     if pairs:
         md.append(f"Spearman rank correlation of the Meta-Sum ordering with the paper's: {num(rho) or 'n/a'} "
                   f"over {len(pairs)} lines.")
@@ -786,7 +789,27 @@ def table2_rows(groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out += [num(r["Δ Meta-Sum"]), r["vs"]] + ([num(r[f"paper {c}"]) for c in TABLE2_ORDER] if has_paper else [])
         w.writerow(out)
     return {"rows": rows, "columns": columns, "markdown": markdown, "csv": buf.getvalue(),
-            "spearman": rho, "n_spearman": len(pairs)}
+            "spearman": rho, "n_spearman": len(pairs), "baseline": baseline}
+
+
+def baseline_check(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The first row (Table 2's "no pretraining") against every other row on Meta-Sum: whether it
+    is the lowest, and which rows lie above it by more than twice the combined spread (the
+    comparative-baselines criterion; the `*` marks compare each row with its `vs` row only)."""
+    done = [r for r in rows if not math.isnan(r[META_SUM][0])]
+    if len(done) < 2 or done[0] is not rows[0]:
+        return None
+    base, others = rows[0], done[1:]
+    above = [r["line"] for r in others if r[META_SUM][0] > base[META_SUM][0] and beyond_noise(r[META_SUM], base[META_SUM])]
+    unknown = [r["line"] for r in others if beyond_noise(r[META_SUM], base[META_SUM]) is None]
+    within = [r["line"] for r in others if r["line"] not in above and r["line"] not in unknown]
+    lowest = min(done, key=lambda r: r[META_SUM][0])["line"]
+    text = (f"Line {base['line']} against every other line (Meta-Sum): "
+            f"{'the lowest' if lowest == base['line'] else f'not the lowest (line {lowest} is)'}; above it by more "
+            f"than twice the combined spread: {', '.join(above) or 'none'}; not: {', '.join(within) or 'none'}"
+            + (f"; spread unknown (one seed): {', '.join(unknown)}" if unknown else "") + ".")
+    return {"line": base["line"], "lowest": lowest == base["line"], "above": above, "within": within,
+            "unknown": unknown, "text": text}
 
 
 def plot_meta_sum(rows: Sequence[Mapping[str, Any]], path: str) -> str:
