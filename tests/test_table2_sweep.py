@@ -382,7 +382,7 @@ def test_readme_own_line_is_one_point_that_plans(tmp_path):
 
 
 def test_the_subset_sweep_has_the_full_grids_points_and_stages():
-    """table2_subset_tiny.yaml (the README's measured subset) cannot drift from table2_tiny.yaml:
+    """table2_subset_tiny.yaml (the README's quicker subset) cannot drift from table2_tiny.yaml:
     the same points and downstream stages; only the pretraining budget differs."""
     import yaml
 

@@ -799,16 +799,23 @@ def baseline_check(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     done = [r for r in rows if not math.isnan(r[META_SUM][0])]
     if len(done) < 2 or done[0] is not rows[0]:
         return None
-    base, others = rows[0], done[1:]
-    above = [r["line"] for r in others if r[META_SUM][0] > base[META_SUM][0] and beyond_noise(r[META_SUM], base[META_SUM])]
-    unknown = [r["line"] for r in others if beyond_noise(r[META_SUM], base[META_SUM]) is None]
-    within = [r["line"] for r in others if r["line"] not in above and r["line"] not in unknown]
-    lowest = min(done, key=lambda r: r[META_SUM][0])["line"]
+    base = rows[0]
+    above, within, unknown = [], [], []
+    for r in done[1:]:
+        verdict = beyond_noise(r[META_SUM], base[META_SUM])
+        if verdict is None:
+            unknown.append(r["line"])
+        elif verdict and r[META_SUM][0] > base[META_SUM][0]:
+            above.append(r["line"])
+        else:
+            within.append(r["line"])
+    lowest_row = min(done, key=lambda r: r[META_SUM][0])  # ties: the first row, the baseline
+    lowest = lowest_row["line"]
     text = (f"Line {base['line']} against every other line (Meta-Sum): "
-            f"{'the lowest' if lowest == base['line'] else f'not the lowest (line {lowest} is)'}; above it by more "
+            f"{'the lowest' if lowest_row is base else f'not the lowest (line {lowest} is)'}; above it by more "
             f"than twice the combined spread: {', '.join(above) or 'none'}; not: {', '.join(within) or 'none'}"
             + (f"; spread unknown (one seed): {', '.join(unknown)}" if unknown else "") + ".")
-    return {"line": base["line"], "lowest": lowest == base["line"], "above": above, "within": within,
+    return {"line": base["line"], "lowest": lowest_row is base, "above": above, "within": within,
             "unknown": unknown, "text": text}
 
 
