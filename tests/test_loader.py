@@ -58,6 +58,8 @@ def stack(xs):
 
 def assert_batches_equal(a: VLBatch, b: VLBatch) -> None:
     for f in dataclasses.fields(VLBatch):
+        if not f.compare:  # the shared-memory lease: where the bytes are, not what they are
+            continue
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, torch.Tensor):
             assert x.dtype == y.dtype and torch.equal(x, y.to(x.device)), f.name
@@ -169,3 +171,66 @@ def test_device_prefetcher_cuda():
         got.append(batch.img_feat.sum().item())
         batch.img_feat.mul_(0)  # a consumer may overwrite its batch; the next one must be intact
     assert got == pytest.approx([b.img_feat.sum().item() for b in cpu], rel=1e-6)
+
+
+class _CollateTask:
+    """A task's collate contract: the batch plus a draw from the batch's generator."""
+
+    def collate(self, examples, *, generator, dataset):
+        batch = collate(examples)
+        batch.targets["noise"] = torch.rand(batch.size, generator=generator)
+        return batch
+
+
+def _task_loader(ds, sampler, workers):
+    from vlframe.engine.data import TaskBatches, _only, _SeededBatches
+
+    batches = TaskBatches(ds, _CollateTask(), num_workers=workers)
+    loader = build_loader(batches, batch_sampler=_SeededBatches(sampler, 0), collate_fn=_only, num_workers=workers, seed=0)
+    return batches, loader
+
+
+def test_workers_reuse_shared_blocks_without_touching_batches_in_use():
+    # Every moved batch is kept to the end: had a reused block still backed one, a later batch
+    # would have overwritten it.
+    ds = TinyVL(n=120)
+    s0, s2 = sampler_for(ds), sampler_for(ds)
+    _, ref_loader = _task_loader(ds, s0, 0)
+    pool_owner, loader = _task_loader(ds, s2, 2)
+    pool = pool_owner.pool
+    kept, refs = [], []
+    for epoch in (0, 1):  # the second epoch's workers find the first epoch's table
+        s0.set_epoch(epoch)
+        s2.set_epoch(epoch)
+        refs += [b.to("cpu") for b in ref_loader]
+        for batch in loader:
+            assert batch.lease is not None and int(pool.state[batch.lease.slot]) == batch.lease.lease_id
+            moved = batch.to("cpu")
+            assert moved.lease is None and int(pool.state[batch.lease.slot]) == 0
+            kept.append(moved)
+    assert len(kept) == len(refs) > 40
+    for a, b in zip(kept, refs):
+        assert torch.equal(a.targets["noise"], b.targets["noise"])
+        assert_batches_equal(dataclasses.replace(a, targets={}), dataclasses.replace(b, targets={}))
+        assert a.img_feat.dtype == torch.float32
+    # Blocks were filled again (not one fresh segment per batch), and every one was handed back.
+    assert int(pool.leases.max()) > 2 and len(kept) / 2 < int(pool.leases.sum()) <= len(kept)
+    assert int(pool.state.count_nonzero()) == 0
+
+
+def test_leased_batches_that_are_never_moved_keep_their_blocks():
+    ds = TinyVL(n=120)
+    ref = list(_task_loader(ds, sampler_for(ds), 0)[1])
+    owner, loader = _task_loader(ds, sampler_for(ds), 1)
+    raw = list(loader)  # held, never moved: the worker must fall back to fresh segments
+    held = [b.lease for b in raw if b.lease is not None]
+    assert len(held) == owner.pool.blocks_per_worker < len(raw)
+    for a, b in zip(raw, ref):
+        assert torch.equal(a.targets["noise"], b.targets["noise"])
+        assert_batches_equal(dataclasses.replace(a, targets={}), dataclasses.replace(b, targets={}))
+    assert all(int(owner.pool.state[lease.slot]) == lease.lease_id for lease in held)
+    for b in raw:
+        b.to("cpu")
+    assert int(owner.pool.state.count_nonzero()) == 0
+    held[0].release()  # twice: nothing
+    assert int(owner.pool.state.count_nonzero()) == 0

@@ -14,6 +14,14 @@ Either way a batch reaches the model as float32 once it went through ``.to(devic
 trainer (``DevicePrefetcher``) always does. Inside a DataLoader worker the padded tensors are
 allocated in shared memory, so handing them to the main process copies nothing.
 
+Reused shared memory. A fresh shared-memory segment per batch costs the worker a page fault per
+4 KB it writes (a third of its time on the 36-100 x 2048 region store). :class:`SharedBatchPool`
+gives each worker a few blocks that it fills again once the main process is done with them:
+:class:`~vlframe.engine.data.TaskBatches` builds each batch inside :meth:`SharedBatchPool.lease`,
+the batch carries its :class:`BatchLease`, and :meth:`VLBatch.to` / :meth:`VLBatch.pin_memory`
+copy every tensor out of the block and only then hand it back. A batch that is never moved keeps
+its block (the worker then falls back to fresh segments), so nothing is overwritten while in use.
+
 Soft labels. With 1601 classes a region's soft label is bigger than its 2048-d feature, and only
 the masked-region classification tasks (MRC, MRC-kl) read them, at the masked regions only. Those
 tasks collate without them and, once the masks are drawn, call :func:`gather_masked_soft_labels`:
@@ -29,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +46,8 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["Example", "VLBatch", "pad_stack", "collate", "collate_keeps_fp16", "gather_masked_soft_labels"]
+__all__ = ["Example", "VLBatch", "pad_stack", "collate", "collate_keeps_fp16", "gather_masked_soft_labels",
+           "SharedBatchPool", "BatchLease"]
 
 # Fields that may travel fp16 and are made float32 by VLBatch.to on the target device.
 _HALF_FIELDS = ("img_feat", "soft_labels", "masked_soft_labels")
@@ -93,6 +104,8 @@ class VLBatch:
     targets: dict[str, Any] = field(default_factory=dict)  # task targets (tensors or python values)
     txt_ids: list[str] = field(default_factory=list)
     img_ids: list[str] = field(default_factory=list)
+    # The reused shared-memory block the tensors live in (module doc); not part of the content.
+    lease: "BatchLease | None" = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -102,39 +115,164 @@ class VLBatch:
     def num_units(self) -> int:
         return int(self.text_mask.sum() + self.img_mask.sum())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False, *, _copy: bool = False) -> "VLBatch":
         """Move every tensor to ``device``; fp16 ``img_feat``/``soft_labels`` (a batch collated
         with ``keep_fp16``) are moved first and made float32 there, so the copy is half-size and
-        the model always sees float32 regions."""
+        the model always sees float32 regions. A leased batch (module doc) is copied out of its
+        shared block, which is then handed back: the result never aliases it."""
+        copy = _copy or self.lease is not None
 
-        def move(x: Any) -> Any:
+        def move(x: Any, half: bool = False) -> Any:
             if isinstance(x, torch.Tensor):
-                return x.to(device, non_blocking=non_blocking)
+                y = x.to(device, non_blocking=non_blocking)
+                if half and y.dtype == torch.float16:
+                    return y.float()  # a copy in any case
+                if copy and y.device.type == "cpu" and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                    return y.clone()
+                return y
             if isinstance(x, VLBatch):  # a task's extra batch (e.g. retrieval's sampled negatives)
-                return x.to(device, non_blocking=non_blocking)
+                return x.to(device, non_blocking=non_blocking, _copy=copy)
             if isinstance(x, dict):
                 return {k: move(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
+            if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, VLBatch, dict, list, tuple)) for v in x):
                 return type(x)(move(v) for v in x)
             return x
 
-        moved = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for name in _HALF_FIELDS:
-            x = moved[name]
-            if isinstance(x, torch.Tensor) and x.dtype == torch.float16:
-                moved[name] = x.float()
+        moved = {f.name: move(getattr(self, f.name), f.name in _HALF_FIELDS) for f in dataclasses.fields(self)}
+        moved["lease"] = None
+        if self.lease is not None:
+            self.lease.release()
         return dataclasses.replace(self, **moved)
 
     def pin_memory(self) -> "VLBatch":
-        # DataLoader(pin_memory=True) calls this on custom batch types.
+        # DataLoader(pin_memory=True) calls this on custom batch types; pinning copies, so a
+        # leased block is handed back here.
         def pin(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
                 return x.pin_memory()
+            if isinstance(x, VLBatch):
+                return x.pin_memory()
             if isinstance(x, dict):
                 return {k: pin(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, VLBatch, dict, list, tuple)) for v in x):
+                return type(x)(pin(v) for v in x)
             return x
 
-        return dataclasses.replace(self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        pinned = {f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        pinned["lease"] = None
+        if self.lease is not None:
+            self.lease.release()
+        return dataclasses.replace(self, **pinned)
+
+
+# ----------------------------------------------------------------------- reused shared memory
+_POOLS: "weakref.WeakValueDictionary[str, SharedBatchPool]" = weakref.WeakValueDictionary()
+_ARENA: contextvars.ContextVar["_Arena | None"] = contextvars.ContextVar("vlframe_batch_arena", default=None)
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class BatchLease:
+    """Which pool block a batch's tensors live in; ``release()`` (main process, once every tensor
+    was copied out) lets the worker fill it again. Releasing twice, or after the block was
+    leased again, does nothing."""
+
+    pool_id: str
+    slot: int
+    lease_id: int
+
+    def release(self) -> None:
+        pool = _POOLS.get(self.pool_id)
+        if pool is not None:
+            pool._release(self.slot, self.lease_id)
+
+
+class SharedBatchPool:
+    """``blocks_per_worker`` reusable shared-memory blocks for each of ``num_workers`` DataLoader
+    workers. Created in the main process before the workers start; the two small shared tables
+    travel with it to the workers (fork or spawn), the blocks themselves live in each worker.
+
+    ``state[slot]`` is 0 when the block is free, else the id of the lease holding it. Only the
+    worker owning a slot turns 0 into an id, only a release turns that id back into 0, so neither
+    side ever overwrites the other's write."""
+
+    def __init__(self, num_workers: int, blocks_per_worker: int = 4):
+        if num_workers < 1 or blocks_per_worker < 1:
+            raise ValueError(f"SharedBatchPool: num_workers ({num_workers}) and blocks_per_worker "
+                             f"({blocks_per_worker}) must be >= 1")
+        self.id = uuid.uuid4().hex
+        self.num_workers = int(num_workers)
+        self.blocks_per_worker = int(blocks_per_worker)
+        n = self.num_workers * self.blocks_per_worker
+        self.state = torch.zeros(n, dtype=torch.int64).share_memory_()
+        self.leases = torch.zeros(n, dtype=torch.int64).share_memory_()  # leases so far, per slot
+        self._blocks: dict[int, torch.UntypedStorage] = {}  # this process's (a worker's) blocks
+        _POOLS[self.id] = self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_blocks"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._blocks = {}
+        _POOLS[self.id] = self
+
+    def _release(self, slot: int, lease_id: int) -> None:
+        if int(self.state[slot]) == lease_id:
+            self.state[slot] = 0
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["BatchLease | None"]:
+        """In a DataLoader worker: the batch tensors :func:`collate` allocates inside this block
+        are carved from one of the worker's free blocks; yields the lease to attach to the batch,
+        or None (not in a worker, or every block still in use: fresh segments as before)."""
+        info = get_worker_info()
+        if info is None or info.num_workers != self.num_workers:
+            yield None
+            return
+        first = info.id * self.blocks_per_worker
+        slot = next((s for s in range(first, first + self.blocks_per_worker) if int(self.state[s]) == 0), None)
+        if slot is None:
+            yield None
+            return
+        lease_id = int(self.leases[slot]) + 1
+        self.leases[slot] = lease_id
+        self.state[slot] = lease_id
+        arena = _Arena(self._blocks.get(slot))
+        token = _ARENA.set(arena)
+        ok = False
+        try:
+            yield BatchLease(self.id, slot, lease_id)
+            ok = True
+        finally:
+            _ARENA.reset(token)
+            if arena.wanted > arena.capacity:
+                # Grown for the next batch; tensors already made keep the old block alive.
+                self._blocks[slot] = torch.UntypedStorage._new_shared(_round_up(int(arena.wanted * 1.25), 1 << 21))
+            elif arena.block is not None:
+                self._blocks[slot] = arena.block
+            if not ok:
+                self.state[slot] = 0  # the batch failed to build: nothing of it is in use
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class _Arena:
+    """Bump allocation in one block for the duration of one lease."""
+
+    def __init__(self, block: torch.UntypedStorage | None):
+        self.block = block
+        self.capacity = block.nbytes() if block is not None else 0
+        self.wanted = 0  # what the batch needs in all: the next block's size if it did not fit
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor | None:
+        start = _round_up(self.wanted, _ALIGN)
+        self.wanted = start + nbytes
+        if self.block is None or self.wanted > self.capacity:
+            return None
+        return torch.empty(0, dtype=dtype).set_(self.block, start // dtype.itemsize, shape)
 
 
 def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype,
@@ -148,6 +286,11 @@ def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype,
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
+    arena = _ARENA.get()
+    if arena is not None:
+        t = arena.take(shape, dtype, nbytes)
+        if t is not None:
+            return t, False  # a reused block holds the previous batch's bytes
     storage = torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape), True
 

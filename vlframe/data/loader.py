@@ -11,6 +11,7 @@ stream while the current one is being used.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -20,14 +21,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededDataLoader", "build_loader", "DevicePrefetcher", "move_to_device", "seed_worker"]
+__all__ = ["SeededDataLoader", "build_loader", "DevicePrefetcher", "move_to_device", "seed_worker", "keep_freed_memory"]
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed numpy and ``random`` from the torch seed the DataLoader gave the worker."""
+    """``worker_init_fn``: seed numpy and ``random`` from the torch seed the DataLoader gave the
+    worker, and keep freed buffers in the worker's heap (:func:`keep_freed_memory`)."""
     seed = torch.initial_seed()  # base_seed + worker_id, set by the DataLoader
     np.random.seed(seed % 2**32)
     random.seed(seed)
+    keep_freed_memory()
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let glibc serve allocations up to ``mmap_threshold`` from the heap and keep up to
+    ``trim_threshold`` of freed heap, instead of a fresh ``mmap`` per large buffer: a worker copies
+    every record's arrays out of LMDB into new buffers of 10-400 KB, and on a fresh mapping each
+    4 KB page costs a page fault (measured: 3x the worker's system time). Returns False where the
+    C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def _mix(seed: int, epoch: int) -> int:

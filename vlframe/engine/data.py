@@ -2,13 +2,14 @@
 ``collate`` (masking, negatives), and an exact position for resuming mid-epoch."""
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from vlframe.data.batch import collate_keeps_fp16
+from vlframe.data.batch import SharedBatchPool, VLBatch, collate_keeps_fp16
 from vlframe.engine import distributed as D
 from vlframe.registry import SAMPLERS, build
 
@@ -46,19 +47,28 @@ def _only(items: list) -> Any:
 
 
 class TaskBatches(Dataset):
-    """``dataset[(seed, indices)]`` -> the task's collated batch of those examples."""
+    """``dataset[(seed, indices)]`` -> the task's collated batch of those examples.
 
-    def __init__(self, dataset: Any, task: Any):
+    With ``num_workers`` > 0 the workers build their batches in reused shared-memory blocks
+    (:class:`~vlframe.data.batch.SharedBatchPool`; ``prefetch_factor`` + 2 per worker: the
+    batches queued, the one being moved and one spare), handed back by ``VLBatch.to``."""
+
+    def __init__(self, dataset: Any, task: Any, *, num_workers: int = 0, prefetch_factor: int = 2):
         self.dataset = dataset
         self.task = task
+        self.pool = SharedBatchPool(num_workers, prefetch_factor + 2) if num_workers > 0 else None
 
     def __getitem__(self, key: tuple[int, list[int]]):
         seed, indices = key
         g = torch.Generator().manual_seed(seed)
         # Batches leave the worker in fp16 (half the bytes to move); VLBatch.to(device) makes them
         # float32 on the device.
-        with collate_keeps_fp16():
-            return self.task.collate([self.dataset[i] for i in indices], generator=g, dataset=self.dataset)
+        with collate_keeps_fp16(), (self.pool.lease() if self.pool is not None else contextlib.nullcontext()) as lease:
+            batch = self.task.collate([self.dataset[i] for i in indices], generator=g, dataset=self.dataset)
+        if lease is not None and isinstance(batch, VLBatch):
+            batch.lease = lease
+        # Anything else keeps its block: nothing tells when it is no longer read.
+        return batch
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -106,7 +116,7 @@ class TaskStream:
             even_ranks=even_ranks,
         )
         self.loader = build_loader(
-            TaskBatches(dataset, task),
+            TaskBatches(dataset, task, num_workers=num_workers),
             batch_sampler=_SeededBatches(self.sampler, seed),
             collate_fn=_only,
             num_workers=num_workers,
