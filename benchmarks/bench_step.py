@@ -19,7 +19,9 @@ tokens, regions U[10,100]), it prints:
 * peak memory. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident-set
   high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step) minus the
   resident set before the step, with glibc's mmap threshold fixed so that freed tensors leave the
-  resident set; "persistent" is weights + grads + AdamW state, "step" what one step adds on top.
+  resident set (in two untimed steps before the timed ones, which then run with glibc's usual
+  reuse of freed buffers: with the fixed threshold every large tensor's pages fault in again, a
+  quarter of a base step on this VM); "persistent" is weights + grads + AdamW state, "step" what one step adds on top.
 
 ``--fit`` instead measures CPU step peaks of UNITER-base and -large at two small batch sizes
 (fp32), fits bytes = a + b x units and answers whether a base step with 10240 units and a large
@@ -67,10 +69,24 @@ TASK_CFG = {
 
 # ------------------------------------------------------------------------------------ memory
 def _fix_malloc() -> None:
-    """Freed large tensors leave the resident set (glibc raises its mmap threshold otherwise)."""
+    """Freed large tensors leave the resident set (glibc raises its mmap threshold otherwise).
+    Memory measurement only: every large tensor is then a fresh mapping whose pages fault in, which
+    on this VM cost a quarter of a base step (the timed steps run after :func:`_reuse_malloc`)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic adjustment
+        libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _reuse_malloc() -> None:
+    """glibc's steady state for a process that frees large buffers: the mmap threshold at its
+    dynamic maximum (32 MiB), freed heap kept for reuse."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except OSError:
         pass
 
@@ -425,7 +441,6 @@ def bench(args) -> dict:
     dtype = DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        _fix_malloc()
     model, task, opt, params = build(args, device)
     packed = model.runs_real_units(device)
     batches, _ = make_batches(args, task, real_units=packed)
@@ -434,9 +449,17 @@ def bench(args) -> dict:
     probe = PeakProbe(device, dtype, n0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times, peaks, method, beside, cpu = run_steps(model, task, opt, params, batches, device, dtype, probe)
-    persistent = live_bytes(device)  # weights + grads freed + AdamW state now allocated
-    times, peaks, beside, cpu = times[args.warmup:], peaks[args.warmup:], beside[args.warmup:], cpu[args.warmup:]
+        # Peak memory first, from two untimed steps; on the CPU with the allocator made to return
+        # what is freed (_fix_malloc), then set back to glibc's usual large-buffer reuse, which the
+        # timed steps need (fresh mappings fault in every page: a quarter of a base step here).
+        if device.type == "cpu":
+            _fix_malloc()
+        _, peaks, method, _, _ = run_steps(model, task, opt, params, batches[:2], device, dtype)
+        persistent = live_bytes(device)  # weights + grads freed + AdamW state now allocated
+        if device.type == "cpu":
+            _reuse_malloc()
+        times, _, _, beside, cpu = run_steps(model, task, opt, params, batches, device, dtype, probe)
+    times, beside, cpu = times[args.warmup:], beside[args.warmup:], cpu[args.warmup:]
     # FLOPs and units of the timed batches
     real = [float(b.num_units) for b in batches[args.warmup:]]
     from vlframe.modules.packing import make_packing
@@ -471,7 +494,7 @@ def bench(args) -> dict:
         flops=statistics.median(flops_useful), flops_exec=statistics.median(flops_exec), rate=rate,
         peak=peak, peak_n=n0 if peak0 >= peak1 else n1, peaks=(peak0, peak1), enc_time=statistics.median(enc_times), enc_flops=enc_fl,
         paired=paired, enc_paired=enc_paired, cpu_rate=cpu_rate, enc_cpu_rate=enc_cpu_rate, cpu_peak=CPU_PEAK[0],
-        mem_step=max(peaks), mem_method=method, persistent=persistent, persistent0=persistent0,
+        mem_step=peaks[-1], mem_method=method, persistent=persistent, persistent0=persistent0,
         examples=statistics.median([b.size for b in batches[args.warmup:]]), real_mean=statistics.mean(real),
         padded_mean=statistics.mean(padded_units), graphs=model.encoder.compiled_graphs,
     )
@@ -506,7 +529,7 @@ def report(args, r: dict) -> None:
               f"{r['cpu_rate'] / r['cpu_peak']:.1%}; encoder alone fwd+bwd {r['enc_cpu_rate'] / 1e9:.1f} = "
               f"{r['enc_cpu_rate'] / r['cpu_peak']:.1%} of the peak")
     print(f"  peak memory ({r['mem_method']}): step adds {fmt_bytes(r['mem_step'])} on top of "
-          f"{fmt_bytes(r['persistent'])} live after the steps (weights, AdamW state, process"
+          f"{fmt_bytes(r['persistent'])} live after two steps (weights, AdamW state, process"
           f"{' heap' if r['device'].type == 'cpu' else ''}); {fmt_bytes(r['persistent0'])} before the first step")
     if r["compiled"]:
         print(f"  torch.compile ({args.compile_backend}): {r['graphs']} graph(s) compiled (first + recompiles + "
