@@ -54,14 +54,22 @@ def test_shipped_table2_sweep_expands_to_every_line_and_seed():
 def test_plan_chains_each_stage_to_its_pretraining_final_checkpoint(tmp_path):
     sweep_dir, runs, stages = S.plan_pipeline(None, SWEEP, sweep_dir=str(tmp_path / "sw"), launcher="local",
                                               quick=True)
-    assert [r.group for r in runs] == ["L01-none", "L05-mlm", "L06-mlm-itm", "L11-mlm-itm-mrckl-mrfr-wra"]
-    assert len(stages) == 4 * 5 and all(s.status == "todo" for s in stages)
+    assert [r.group for r in runs] == ["L01-none", "L02-mlm-text-only", "L05-mlm", "L06-mlm-itm",
+                                       "L11-mlm-itm-mrckl-mrfr-wra"]
+    assert len(stages) == 5 * 5 and all(s.status == "todo" for s in stages)
     by_key = {s.key: s for s in stages}
+    l02 = by_key["L02-mlm-text-only_seed-0/pretrain"]
     for run in runs:
         pre = by_key[f"{run.name}/pretrain"]
-        assert pre.after is None and pre.work_dir == os.path.join(sweep_dir, run.name, "pretrain")
+        assert pre.work_dir == os.path.join(sweep_dir, run.name, "pretrain")
         steps = int(pre.cfg.train.max_steps)
         assert steps == (0 if run.group == "L01-none" else 6)  # L1: no pretraining, whatever the budget
+        # the paper's protocol: from L3 on, pretraining starts from L2's final weights (same seed)
+        if run.group in ("L01-none", "L02-mlm-text-only"):
+            assert pre.after is None and not pre.cfg.train.get("init_from")
+        else:
+            assert pre.after == l02.work_dir
+            assert pre.cfg.train.init_from == os.path.join(l02.work_dir, "checkpoints", "ckpt_0000006.pt")
         for name in STAGES:
             st = by_key[f"{run.name}/{name}"]
             assert st.after == pre.work_dir
@@ -294,12 +302,12 @@ def test_quick_table2_through_slurm_end_to_end(slurm, synth_cache, tmp_path, cap
         _logs(str(out_dir))
     wall = time.time() - t0
     out = capsys.readouterr().out
-    assert "# 20/20 stages finished, 0 failed, 0 not run, 0 queued" in out
+    assert "# 25/25 stages finished, 0 failed, 0 not run, 0 queued" in out
     assert _tool("sweep")(["collect", str(out_dir)]) == 0
     md = capsys.readouterr().out
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
     rows = [[c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines()[2:] if r.startswith("| ")]
-    assert [r[0] for r in rows] == ["1", "5", "6", "11"]
+    assert [r[0] for r in rows] == ["1", "2", "5", "6", "11"]
     for r in rows:
         for c in S.TABLE2_ORDER:
             assert _numeric(r[header.index(c)]), (c, r)
@@ -372,11 +380,11 @@ def test_readme_own_line_is_one_point_that_plans(tmp_path):
     for st in spec["pipeline"]:
         st["config"] = os.path.normpath(os.path.join(here, st["config"]))
     spec["points"].append(point)
-    spec["quick"]["points"] = [point["_name"], point["_vs"]]
+    spec["quick"]["points"] = [point["_name"], point["_vs"], point["_init_from"]]
     f = tmp_path / "own.yaml"
     f.write_text(yaml.safe_dump(spec))
     _, runs, stages = S.plan_pipeline(None, str(f), sweep_dir=str(tmp_path / "sw"), launcher="local", quick=True)
-    assert [r.group for r in runs] == ["L11-mlm-itm-mrckl-mrfr-wra", "L11-mlp-itm"]
+    assert [r.group for r in runs] == ["L02-mlm-text-only", "L11-mlm-itm-mrckl-mrfr-wra", "L11-mlp-itm"]
     own = next(s for s in stages if s.key == "L11-mlp-itm_seed-0/pretrain")
     assert own.cfg.tasks.itm.head.type == "MLPITMHead" and "mrc_kl" in own.cfg.tasks
 
@@ -390,8 +398,61 @@ def test_the_subset_sweep_has_the_full_grids_points_and_stages():
     full = yaml.safe_load(open(os.path.join(sweeps, "table2_tiny.yaml")))
     sub = yaml.safe_load(open(os.path.join(sweeps, "table2_subset_tiny.yaml")))
     by_name = {p["_name"]: {k: v for k, v in p.items() if k != "_vs"} for p in full["points"]}
-    assert [p["_name"] for p in sub["points"]] == ["L01_none", "L05_mlm", "L06_mlm_itm", "L11_mlm_itm_mrckl_mrfr_wra"]
+    assert [p["_name"] for p in sub["points"]] == ["L01_none", "L02_mlm_text_only", "L05_mlm", "L06_mlm_itm",
+                                                   "L11_mlm_itm_mrckl_mrfr_wra"]
     assert all(p == by_name[p["_name"]] for p in sub["points"])
     assert sub["pipeline"] == full["pipeline"] and sub["seeds"] == full["seeds"]
     differ = {k for k in set(sub["overrides"]) | set(full["overrides"]) if sub["overrides"].get(k) != full["overrides"].get(k)}
     assert differ == {"train.max_steps", "train.val_interval", "train.ckpt_interval", "train.phases"}
+
+
+def test_init_from_chains_a_pretraining_to_an_earlier_points_checkpoint(tmp_path):
+    l02 = os.path.join(CONFIGS, "ablations", "L02_mlm_text_only.yaml")
+    l05 = os.path.join(CONFIGS, "ablations", "L05_mlm.yaml")
+    f = _sweep_file(tmp_path / "s.yaml", [{"_name": "text", "_config": l02},
+                                          {"_name": "vl", "_config": l05, "_init_from": "text"}])
+    spec = yaml.safe_load(open(f))
+    spec["seeds"] = [0, 1]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    sweep_dir, runs, stages = S.plan_pipeline(None, f, sweep_dir=str(tmp_path / "sw"), launcher="local")
+    by_key = {s.key: s for s in stages}
+    for seed in (0, 1):
+        src, pre = by_key[f"text_seed-{seed}/pretrain"], by_key[f"vl_seed-{seed}/pretrain"]
+        assert src.after is None and not src.cfg.train.get("init_from")
+        assert pre.after == src.work_dir and not pre.downstream  # same seed's source, and still a pretraining
+        assert pre.cfg.train.init_from == os.path.join(src.work_dir, "checkpoints", "ckpt_0000004.pt")
+        assert by_key[f"vl_seed-{seed}/vqa"].after == pre.work_dir
+    # A source that is not listed before, or not at all, is refused naming the point.
+    for points, match in (([{"_name": "vl", "_config": l05, "_init_from": "text"}, {"_name": "text", "_config": l02}],
+                           "vl_seed-0: _init_from: 'text' names no point listed before it"),
+                          ([{"_name": "vl", "_config": l05, "_init_from": "nope"}], "'nope' names no point")):
+        g = _sweep_file(tmp_path / "bad.yaml", points)
+        with pytest.raises(ConfigError, match=match):
+            S.plan_pipeline(None, g, sweep_dir=str(tmp_path / "sw2"), launcher="local")
+    # A plain (non-pipeline) sweep cannot honour it: refused, not ignored.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"points": [{"_name": "a", "_config": l05},
+                                                {"_name": "b", "_config": l05, "_init_from": "a"}], "seeds": [0]}))
+    with pytest.raises(ConfigError, match="_init_from starts a pretraining from another point's"):
+        S.plan(None, str(plain), sweep_dir=str(tmp_path / "sw3"), launcher="local")
+
+
+@pytest.mark.slow
+def test_local_pipeline_init_from_starts_from_the_sources_weights(tmp_path, synth_cache, capsys):
+    import torch
+
+    l02 = os.path.join(CONFIGS, "ablations", "L02_mlm_text_only.yaml")
+    l05 = os.path.join(CONFIGS, "ablations", "L05_mlm.yaml")
+    f = _sweep_file(tmp_path / "s.yaml", [{"_name": "text", "_config": l02},
+                                          {"_name": "vl", "_config": l05, "_init_from": "text", "train.lr": 0.0}],
+                    stages=("vqa",))
+    out_dir = tmp_path / "sw"
+    assert _tool("sweep")([f, "--local", "--sweep-dir", str(out_dir), *_tiny(synth_cache)]) == 0
+    assert "4/4 stages finished" in capsys.readouterr().out
+    src = torch.load(out_dir / "text_seed-0" / "pretrain" / "checkpoints" / "ckpt_0000004.pt", weights_only=True)
+    dst = torch.load(out_dir / "vl_seed-0" / "pretrain" / "checkpoints" / "ckpt_0000004.pt", weights_only=True)
+    # lr 0: the second pretraining leaves the weights it started from unchanged (the MLM head included)
+    shared = [k for k in src["model"] if k in dst["model"]]
+    assert len(shared) > 20 and any("text_embed" in k for k in shared)
+    for k in shared:
+        assert torch.equal(src["model"][k], dst["model"][k]), k

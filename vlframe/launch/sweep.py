@@ -25,6 +25,8 @@ Pipeline sweeps (the paper's Table 2: pretrain, then finetune and evaluate downs
       - {_name: L01, _config: ../ablations/L01_none.yaml, train.max_steps: 0,   # _config: this point's base
          _line: 1, _data: None, _tasks: None,                                   # labels of the table
          _paper: {Meta-Sum: 314.34, VQA: 67.03, IR: 61.74, TR: 65.55, NLVR2: 51.02, RE: 68.73}}
+      - {_name: L03, _config: ../ablations/L03_mrfr.yaml, _init_from: L02}      # pretraining starts from
+                                           # L02's final pretraining checkpoint, same seed (listed before)
     seeds: [0, 1, 2]
     pipeline:                              # downstream stages of every point, from its final checkpoint
       - {name: vqa, config: ../finetune_vqa_tiny_synth.yaml, overrides: {train.max_steps: 150}}
@@ -38,7 +40,9 @@ Each point (x seed) runs ``pretrain`` into ``<sweep dir>/<name>/pretrain`` and t
 stage into ``<sweep dir>/<name>/<stage>`` with ``train.init_from`` = the pretraining's final
 checkpoint (``checkpoints/ckpt_<max_steps>.pt``; with ``train.max_steps: 0`` the trainer saves the
 seed's initialisation as step 0, so a "no pretraining" line finetunes from that) and the point's
-seed. Key=value on the command line apply to every stage. On SLURM every stage is its own job; a
+seed. A point with ``_init_from: NAME`` pretrains from point NAME's final pretraining
+checkpoint of the same seed (the paper initialises L3-L14 with L2's weights), after it: on SLURM
+its pretraining job depends on NAME's. Key=value on the command line apply to every stage. On SLURM every stage is its own job; a
 downstream stage waits on its pretraining job (``--dependency=afterok:<id>``) and is cancelled by
 SLURM when that job fails (``--kill-on-invalid-dep=yes``), so nothing waits forever. ``--local``
 runs the stages here in order; a failed pretraining marks its stages "not run" and the next point
@@ -78,7 +82,8 @@ SWEEP_FILE = "sweep.json"
 NAME_KEY = "_name"
 CONFIG_KEY = "_config"
 #: Keys of a point that are not config overrides: its folder name, base config, table labels.
-META_KEYS = (NAME_KEY, CONFIG_KEY, "_line", "_data", "_tasks", "_paper", "_vs")
+INIT_KEY = "_init_from"
+META_KEYS = (NAME_KEY, CONFIG_KEY, INIT_KEY, "_line", "_data", "_tasks", "_paper", "_vs")
 PRETRAIN = "pretrain"  # the stage folder of a pipeline point's pretraining
 
 
@@ -291,6 +296,10 @@ def plan(config_path: str | None, sweep_path: str, *, sweep_dir: str | None = No
     Returns the sweep dir and ``(run, config, run folder, status)`` per run."""
     spec = read_sweep_file(sweep_path, quick=quick)
     runs = expand(spec)
+    starts = sorted({r.group for r in runs if "init_from" in r.meta})
+    if starts:
+        raise ConfigError(f"{sweep_path}: point(s) {starts}: {INIT_KEY} starts a pretraining from another point's, "
+                          "which only a pipeline sweep (pipeline:) runs")
     sweep_dir = default_dir(sweep_path, sweep_dir, quick=quick)
     planned = []
     for run in runs:
@@ -386,7 +395,12 @@ class Stage:
     name: str  # PRETRAIN or a pipeline stage's name
     cfg: Any
     work_dir: str
-    after: str | None  # the run folder of the stage it starts from (None: the pretraining itself)
+    after: str | None  # the run folder of the stage it starts from (a pretraining: None, or the
+    # pretraining of the point named by its _init_from)
+
+    @property
+    def downstream(self) -> bool:
+        return self.name != PRETRAIN
     status: str = "todo"
 
     @property
@@ -400,7 +414,7 @@ def stage_status(stage: Stage) -> str:
 
     done = read_done(stage.work_dir)
     if (done is not None and int(done.get("max_steps", -1)) == int(stage.cfg.train.max_steps)
-            and (stage.after is None or os.path.isfile(os.path.join(stage.work_dir, STAGE_METRICS)))):
+            and (not stage.downstream or os.path.isfile(os.path.join(stage.work_dir, STAGE_METRICS)))):
         return "finished"
     job = slurm.read_job_record(stage.work_dir)
     if slurm.is_active(job):
@@ -431,15 +445,33 @@ def plan_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str | 
     runs = expand(spec)
     sweep_dir = default_dir(sweep_path, sweep_dir, quick=quick)
     stages: list[Stage] = []
+    pretrain_of: dict[tuple[str, int | None], Stage] = {}  # (point, seed) -> its pretraining stage
     for run in runs:
         pre_dir = os.path.join(sweep_dir, run.name, PRETRAIN)
+        source = run.meta.get("init_from")
+        after = None
+        extra = []
+        if source is not None:
+            # The paper's protocol (Table 2: L3-L14 start from L2's weights): this point's
+            # pretraining starts from another point's final pretraining checkpoint, same seed.
+            src = pretrain_of.get((_text(source), run.seed))
+            if src is None:
+                names = sorted({g for g, _ in pretrain_of})
+                raise ConfigError(f"sweep point {run.name}: {INIT_KEY}: {source!r} names no point listed before it "
+                                  f"(a point starts from one that comes earlier in points:; earlier: {names})")
+            after = src.work_dir
+            extra = ["train.init_from=null"]  # set below: the checkpoint need not exist yet
         try:
             cfg = prepare(_base_config(run, config_path, spec),
-                          [*overrides, *spec["overrides"], *run.overrides, f"launcher={launcher}"])
+                          [*overrides, *spec["overrides"], *run.overrides, f"launcher={launcher}", *extra])
         except (ConfigError, FileNotFoundError, KeyError, TypeError, ImportError) as e:
             raise ConfigError(f"sweep point {run.name} ({PRETRAIN}): {e}") from e
+        if source is not None:
+            cfg.train.init_from = final_checkpoint(src.work_dir, int(src.cfg.train.max_steps))
         cfg.work_dir = pre_dir
-        stages.append(Stage(run=run, name=PRETRAIN, cfg=cfg, work_dir=pre_dir, after=None))
+        pre = Stage(run=run, name=PRETRAIN, cfg=cfg, work_dir=pre_dir, after=after)
+        stages.append(pre)
+        pretrain_of[(run.group, run.seed)] = pre
         init = final_checkpoint(pre_dir, int(cfg.train.max_steps))
         seed = [] if run.seed is None else [f"seed={run.seed}"]
         for st in spec["pipeline"]:
@@ -472,7 +504,7 @@ def _run_stage_here(stage: Stage) -> None:
     try:
         logger.info("stage %s starts", stage.key)
         metrics = run_training(stage.cfg, stage.work_dir)
-        if stage.after is not None:
+        if stage.downstream:
             write_stage_metrics(stage.cfg, stage.work_dir, metrics)
         logger.info("stage %s finished", stage.key)  # the stage's end (benchmarks/bench_sweep_stages.py)
     except Exception:
@@ -533,7 +565,7 @@ def launch_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str 
                                             launcher="local" if local else "slurm", quick=quick)
     width = max(len(s.key) for s in stages)
     for s in stages:
-        echo(f"{s.key:<{width}}  {s.status:<8}  {' '.join(s.run.overrides) if s.after is None else ''}".rstrip())
+        echo(f"{s.key:<{width}}  {s.status:<8}  {' '.join(s.run.overrides) if not s.downstream else ''}".rstrip())
     out: dict[str, Any] = {"sweep_dir": sweep_dir, "status": {s.key: s.status for s in stages},
                            "submitted": {}, "failed": [], "not_run": []}
     todo = [s for s in stages if s.status in ("todo", "failed")]
@@ -542,7 +574,7 @@ def launch_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str 
              "(dry run: nothing started)")
         return out
     _write_manifest(sweep_dir, config_path, sweep_path, [(r,) for r in runs], quick=quick,
-                    stages=[s.name for s in stages if s.after is not None and s.run is runs[0]])
+                    stages=[s.name for s in stages if s.downstream and s.run is runs[0]])
     by_dir = {s.work_dir: s for s in stages}
     if local:
         import logging
@@ -566,7 +598,7 @@ def launch_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str 
             after = None
             if dep is not None and dep.status != "finished":
                 after = slurm.read_job_record(dep.work_dir)  # queued now (or just submitted)
-            job = slurm.submit_train(s.cfg, s.work_dir, after=after, evaluate=s.after is not None,
+            job = slurm.submit_train(s.cfg, s.work_dir, after=after, evaluate=s.downstream,
                                      job_name=f"{os.path.basename(sweep_dir)}.{s.run.name}.{s.name}")
             out["submitted"][s.key] = str(job.job_id)
             s.status = "queued"
