@@ -118,3 +118,20 @@ def test_optimizer_groups_exclude_bias_and_layernorm(synth_cache, tmp_path):
     assert id(t.model.encoder.pooler.bias) in plain_ids and id(t.model.encoder.pooler.weight) not in plain_ids
     n_all = sum(1 for _ in t.model.parameters())
     assert len(decay["params"]) + len(plain["params"]) == n_all  # tied weights counted once
+
+
+def test_loader_workers_train_exactly_as_the_main_process(synth_cache, tmp_path):
+    """data.num_workers=2 (every task's workers filling reused shared-memory blocks, handed back by
+    VLBatch.to) trains to the same weights as loading in the main process: same batches, same
+    masks and negatives, nothing overwritten while in use."""
+    common = ["train.max_steps=8", "train.ckpt_interval=100", "train.val_interval=100", "data.val=null",
+              "train.phases=[]"]  # the task mix from step 1: every task's stream and workers in use
+    main = _trainer(synth_cache, tmp_path / "w0", *common, "data.num_workers=0")
+    main.train()
+    workers = _trainer(synth_cache, tmp_path / "w2", *common, "data.num_workers=2")
+    workers.train()
+    pools = [s.loader.dataset.pool for s in workers.streams.values()]
+    assert len(pools) == 4 and all(p is not None for p in pools)
+    assert sum(int(p.leases.sum()) for p in pools) >= 8 and sum(int(p.leases.max()) > 0 for p in pools) >= 2
+    for k, v in main.model.state_dict().items():
+        assert torch.equal(v, workers.model.state_dict()[k]), k
