@@ -71,22 +71,11 @@ TASK_CFG = {
 def _fix_malloc() -> None:
     """Freed large tensors leave the resident set (glibc raises its mmap threshold otherwise).
     Memory measurement only: every large tensor is then a fresh mapping whose pages fault in, which
-    on this VM cost a quarter of a base step (the timed steps run after :func:`_reuse_malloc`)."""
+    on this VM cost a quarter of a base step (the timed steps run after ``keep_freed_memory``)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic adjustment
         libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _reuse_malloc() -> None:
-    """glibc's steady state for a process that frees large buffers: the mmap threshold at its
-    dynamic maximum (32 MiB), freed heap kept for reuse."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except OSError:
         pass
 
@@ -457,7 +446,10 @@ def bench(args) -> dict:
         _, peaks, method, _, _ = run_steps(model, task, opt, params, batches[:2], device, dtype)
         persistent = live_bytes(device)  # weights + grads freed + AdamW state now allocated
         if device.type == "cpu":
-            _reuse_malloc()
+            # glibc's steady state for a process that frees large buffers (the dynamic maximum)
+            from vlframe.data.loader import keep_freed_memory
+
+            keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20)
         times, _, _, beside, cpu = run_steps(model, task, opt, params, batches, device, dtype, probe)
     times, beside, cpu = times[args.warmup:], beside[args.warmup:], cpu[args.warmup:]
     # FLOPs and units of the timed batches

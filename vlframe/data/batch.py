@@ -115,54 +115,49 @@ class VLBatch:
     def num_units(self) -> int:
         return int(self.text_mask.sum() + self.img_mask.sum())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False, *, _copy: bool = False) -> "VLBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
         """Move every tensor to ``device``; fp16 ``img_feat``/``soft_labels`` (a batch collated
         with ``keep_fp16``) are moved first and made float32 there, so the copy is half-size and
         the model always sees float32 regions. A leased batch (module doc) is copied out of its
         shared block, which is then handed back: the result never aliases it."""
-        copy = _copy or self.lease is not None
+        copy = self.lease is not None
 
-        def move(x: Any, half: bool = False) -> Any:
-            if isinstance(x, torch.Tensor):
-                y = x.to(device, non_blocking=non_blocking)
-                if half and y.dtype == torch.float16:
-                    return y.float()  # a copy in any case
-                if copy and y.device.type == "cpu" and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-                    return y.clone()
-                return y
-            if isinstance(x, VLBatch):  # a task's extra batch (e.g. retrieval's sampled negatives)
-                return x.to(device, non_blocking=non_blocking, _copy=copy)
-            if isinstance(x, dict):
-                return {k: move(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, VLBatch, dict, list, tuple)) for v in x):
-                return type(x)(move(v) for v in x)
-            return x
+        def move(x: torch.Tensor, half: bool) -> torch.Tensor:
+            y = x.to(device, non_blocking=non_blocking)
+            if half and y.dtype == torch.float16:
+                return y.float()  # a copy in any case
+            if copy and y.device.type == "cpu" and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                return y.clone()
+            return y
 
-        moved = {f.name: move(getattr(self, f.name), f.name in _HALF_FIELDS) for f in dataclasses.fields(self)}
-        moved["lease"] = None
-        if self.lease is not None:
-            self.lease.release()
-        return dataclasses.replace(self, **moved)
+        return self._map_tensors(move)
 
     def pin_memory(self) -> "VLBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types; pinning copies, so a
         # leased block is handed back here.
-        def pin(x: Any) -> Any:
+        return self._map_tensors(lambda x, half: x.pin_memory())
+
+    def _map_tensors(self, fn: Any) -> "VLBatch":
+        """A new batch with ``fn(tensor, half)`` applied to every tensor (in dicts, lists, tuples and
+        nested batches such as retrieval's sampled negatives too; ``half``: a field that may travel
+        fp16), then this batch's lease handed back: ``fn`` must copy what a leased batch holds."""
+
+        def walk(x: Any, half: bool = False) -> Any:
             if isinstance(x, torch.Tensor):
-                return x.pin_memory()
+                return fn(x, half)
             if isinstance(x, VLBatch):
-                return x.pin_memory()
+                return x._map_tensors(fn)
             if isinstance(x, dict):
-                return {k: pin(v) for k, v in x.items()}
+                return {k: walk(v) for k, v in x.items()}
             if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, VLBatch, dict, list, tuple)) for v in x):
-                return type(x)(pin(v) for v in x)
+                return type(x)(walk(v) for v in x)
             return x
 
-        pinned = {f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        pinned["lease"] = None
+        out = {f.name: walk(getattr(self, f.name), f.name in _HALF_FIELDS)
+               for f in dataclasses.fields(self) if f.name != "lease"}
         if self.lease is not None:
             self.lease.release()
-        return dataclasses.replace(self, **pinned)
+        return dataclasses.replace(self, lease=None, **out)
 
 
 # ----------------------------------------------------------------------- reused shared memory
@@ -249,8 +244,6 @@ class SharedBatchPool:
             if arena.wanted > arena.capacity:
                 # Grown for the next batch; tensors already made keep the old block alive.
                 self._blocks[slot] = torch.UntypedStorage._new_shared(_round_up(int(arena.wanted * 1.25), 1 << 21))
-            elif arena.block is not None:
-                self._blocks[slot] = arena.block
             if not ok:
                 self.state[slot] = 0  # the batch failed to build: nothing of it is in use
 

@@ -397,11 +397,11 @@ class Stage:
     work_dir: str
     after: str | None  # the run folder of the stage it starts from (a pretraining: None, or the
     # pretraining of the point named by its _init_from)
+    status: str = "todo"
 
     @property
     def downstream(self) -> bool:
         return self.name != PRETRAIN
-    status: str = "todo"
 
     @property
     def key(self) -> str:
