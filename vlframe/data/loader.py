@@ -41,8 +41,9 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 
     """Let glibc serve allocations up to ``mmap_threshold`` from the heap and keep up to
     ``trim_threshold`` of freed heap, instead of a fresh ``mmap`` per large buffer: a worker copies
     every record's arrays out of LMDB into new buffers of 10-400 KB, and on a fresh mapping each
-    4 KB page costs a page fault (measured: 3x the worker's system time). Returns False where the
-    C library is not glibc (nothing changed)."""
+    4 KB page costs a page fault (measured: 3x the worker's system time). The training and
+    evaluation processes call it too (``run_training``, ``evaluate_checkpoint``). Process-wide;
+    returns False where the C library is not glibc (nothing changed)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(

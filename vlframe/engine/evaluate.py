@@ -134,8 +134,10 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, *, out_dir: str, split
     ``data.<split>``; writes ``out_dir/metrics.json`` and returns its content. Dataset metrics
     (retrieval) shard their scoring over DDP ranks and keep score blocks in
     ``out_dir/blocks_<task>`` (resumed after an interruption when ``resume_blocks``)."""
+    from vlframe.data.loader import keep_freed_memory
     from vlframe.engine.trainer import VLModule, resolve_device
 
+    keep_freed_memory()  # as the training process (vlframe.launch.job.run_training): no page-fault churn
     import_custom(list(cfg.get("custom_imports") or []))
     dev = resolve_device(device)
     if not cfg.data.get(split):

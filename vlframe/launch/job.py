@@ -40,9 +40,14 @@ def read_done(work_dir: str) -> dict | None:
 
 def run_training(cfg: DictConfig, work_dir: str) -> dict[str, float]:
     """Train ``cfg`` into ``work_dir``; returns the last validation metrics."""
+    from vlframe.data.loader import keep_freed_memory
     from vlframe.engine import distributed as D
     from vlframe.engine.trainer import Trainer
 
+    # The training process churns buffers of 0.1-10 MB per step (activations, gradients, batches);
+    # with glibc's trimming each regrowth faults its pages in again (measured on a tiny pretraining,
+    # one thread: system time 8.4 s -> 1.3 s, user 57.4 s -> 53.5 s, losses identical).
+    keep_freed_memory()
     metrics = Trainer(cfg, work_dir=work_dir).train()
     if D.is_main():
         record = {"max_steps": int(cfg.train.max_steps), "metrics": metrics}
