@@ -2,6 +2,7 @@
 checkpoint) and the paper's Table 2 layout: the plan of the shipped table2_tiny sweep, collect's
 formatting on hand-made metrics, a failed stage here (--local), and on the real local SLURM the
 quick variant end to end and a sweep killed mid-way and run again (only the missing stages run)."""
+import glob
 import importlib.util
 import json
 import math
@@ -314,6 +315,12 @@ def test_quick_table2_through_slurm_end_to_end(slurm, synth_cache, tmp_path, cap
         assert _numeric(r[header.index("paper Meta-Sum")]) and r[header.index("seeds")] == "1/1"
     for name in S.TABLE2_FILES:
         assert (out_dir / name).is_file()
+    # L02's pretraining, which L05-L11 start from, was submitted before every other stage.
+    jobs = {os.path.relpath(os.path.dirname(p), out_dir): int(_job(os.path.dirname(p)))
+            for p in glob.glob(str(out_dir / "*" / "*" / "job.json"))}
+    assert len(jobs) == 25
+    first = min(jobs, key=jobs.get)
+    assert first.startswith("L02") and first.endswith("pretrain"), sorted(jobs.items(), key=lambda kv: kv[1])
     print(f"quick Table 2 through SLURM: {wall:.0f} s")  # the figure for the README (run with -s)
 
 

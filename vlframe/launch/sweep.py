@@ -593,6 +593,11 @@ def launch_pipeline(config_path: str | None, sweep_path: str, *, sweep_dir: str 
     else:
         from vlframe.launch import slurm
 
+        # The pretrainings other points start from (_init_from) go first: a scheduler that starts
+        # jobs in submission order (SLURM's default) then runs them before anything else instead
+        # of leaving their dependants waiting at the end of the queue.
+        sources = {s.after for s in stages if not s.downstream and s.after}
+        todo = [s for s in todo if s.work_dir in sources] + [s for s in todo if s.work_dir not in sources]
         for s in todo:
             dep = by_dir.get(s.after) if s.after else None
             after = None
